@@ -1,0 +1,418 @@
+"""One conversation: audio frames and typed text in; events, history and reply audio out.
+
+Data flows one way: ``push_audio`` -> VAD -> STT -> LLM -> sentences -> TTS -> ``Player``; the
+transport pulls ``read_frame`` on its own clock. Every task this object starts is kept in
+``_tasks`` and awaited by ``aclose``.
+
+Barge-in is decided in ``_on_audio_window``: the agent's audio pauses at the person's speech onset
+(the VAD's first speech window, well inside the 200 ms budget), and only speech that lasts
+``min_interruption_s`` cancels the reply; shorter sounds resume it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .audio import InputConverter, StreamResampler, float_to_int16
+from .frames import (
+    OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotStartedSpeaking, BotStoppedSpeaking, BotText,
+    ErrorEvent, Event, StateChanged, Transcript, TurnMetrics, UserStartedSpeaking, UserStoppedSpeaking,
+)
+from .llm import LLM, LLMError
+from .player import PlaybackListener, Player, Segment
+from .sentences import SentenceAggregator
+from .stt import STT
+from .tts import TTS, TTSError
+from .turns import ConversationConfig, TurnOptions
+from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Reply:
+    id: int
+    turn: int
+    task: asyncio.Task | None = None
+    text: list[str] = field(default_factory=list)  # clauses generated so far
+    played: asyncio.Future | None = None  # resolved when the last frame has left the player
+    started_playing: bool = False
+    # metrics, time.monotonic()
+    t_decided: float = 0.0  # end of turn decided (VAD endpoint, or text received)
+    t_speech_end: float | None = None  # last voiced audio (None for typed turns)
+    stt_ms: float | None = None
+    t_llm_request: float = 0.0
+    t_first_token: float | None = None
+    t_first_sentence: float | None = None
+    tts_ttfb_ms: float | None = None
+
+
+class Conversation:
+    def __init__(
+        self,
+        *,
+        stt: STT | None,
+        llm: LLM,
+        tts: TTS,
+        config: ConversationConfig | None = None,
+        vad_options: VADOptions | None = None,
+        turn_options: TurnOptions | None = None,
+        emit: Callable[[Event], None] = lambda e: None,
+        name: str = "",
+    ):
+        self.stt, self.llm, self.tts = stt, llm, tts
+        self.config = config or ConversationConfig()
+        self.options = turn_options or TurnOptions()
+        self.vad_options = vad_options or VADOptions()
+        self.name = name
+        self._emit = emit
+        self._log = logging.LoggerAdapter(log, {"room": name})
+        self._input = InputConverter()
+        self.segmenter = Segmenter(self.vad_options)
+        self.player = Player(PlaybackListener(self._on_segment_start, self._on_reply_start, self._on_reply_end))
+        self.history: list[dict[str, Any]] = []
+        self.metrics: list[TurnMetrics] = []
+        self.state = AgentState.LISTENING
+        self._tasks: set[asyncio.Task] = set()
+        self._reply: _Reply | None = None
+        self._reply_seq = 0
+        self._turn = 0
+        self._barge_pending = False
+        self._speech_start_t = 0.0  # stream time of the current utterance's start
+        self._partial: tuple[asyncio.Task, float] | None = None  # (task, stream time its audio ends)
+        self._last_partial_t = 0.0
+        self._closed = False
+
+    # ------------------------------------------------------------------ inputs
+
+    def push_audio(self, frame: AudioFrame) -> None:
+        """Feed one transport frame (any rate, any channel count). Cheap and synchronous."""
+        if self._closed:
+            return
+        for ev in self.segmenter.feed(self._input.convert(frame)):
+            if isinstance(ev, SpeechStart):
+                self._on_speech_start(ev)
+            else:
+                self._on_speech_end(ev)
+        if self.segmenter.speaking:
+            self._while_speaking()
+
+    def push_text(self, text: str) -> None:
+        """Typed input enters the same flow as a spoken turn."""
+        text = text.strip()
+        if self._closed or not text:
+            return
+        self._interrupt()
+        self._turn += 1
+        now = time.monotonic()
+        self._emit(Transcript(text, final=True, typed=True))
+        self._start_reply(text, _Reply(0, self._turn, t_decided=now))
+
+    def read_frame(self) -> np.ndarray:
+        """The next 20 ms of reply audio (int16 mono 48 kHz); the transport calls this on its clock."""
+        return self.player.read_frame()
+
+    async def start(self) -> None:
+        """Speak the persona's greeting, if any."""
+        if self.config.greeting and not self.history:
+            self._turn += 1
+            self._start_reply(None, _Reply(0, self._turn, t_decided=time.monotonic()), fixed=self.config.greeting)
+
+    async def aclose(self) -> None:
+        """Cancel and await everything this conversation started."""
+        self._closed = True
+        if self._reply is not None:
+            self._finish_interrupted(self._reply)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.player.clear()
+
+    # ------------------------------------------------------------------ speech events
+
+    def _on_speech_start(self, ev: SpeechStart) -> None:
+        self._speech_start_t = ev.t
+        self._last_partial_t = self.segmenter.now
+        self._emit(UserStartedSpeaking())
+        if self._reply is not None:
+            # Stop the agent's voice at once; decide later whether this was a real interruption.
+            self._barge_pending = True
+            self.player.pause()
+        self._set_state(AgentState.USER_SPEAKING)
+
+    def _while_speaking(self) -> None:
+        o = self.options
+        now = self.segmenter.now
+        if self._barge_pending and now - self._speech_start_t >= o.min_interruption_s:
+            self._barge_pending = False
+            self._interrupt()
+        if (self.stt is not None and o.partial_interval_s > 0 and self._partial is None
+                and now - self._last_partial_t >= o.partial_interval_s):
+            self._last_partial_t = now
+            audio = self.segmenter.segment_audio()
+            task = self._spawn(self._partial_transcript(audio), "partial")
+            self._partial = (task, now)
+
+    def _on_speech_end(self, ev: SpeechEnd) -> None:
+        self._emit(UserStoppedSpeaking())
+        if self._barge_pending:
+            # Too short to be an interruption: a cough, a click, "mm-hm". Carry on speaking.
+            self._barge_pending = False
+            self._cancel_partial()
+            self.player.resume()
+            self._set_state(AgentState.SPEAKING if self._reply and self._reply.started_playing else AgentState.THINKING)
+            return
+        now = time.monotonic()
+        self._turn += 1
+        reply = _Reply(0, self._turn, t_decided=now, t_speech_end=now - (self.segmenter.now - ev.t))
+        reuse = None
+        if self._partial is not None and self._partial[1] >= ev.t + self.options.partial_reuse_margin_s:
+            reuse = self._partial[0]  # already decoding everything that was said: its text is the final
+            self._partial = None
+        else:
+            self._cancel_partial()
+        self._set_state(AgentState.THINKING)
+        self._spawn(self._user_turn(ev.audio, reply, reuse), f"turn {self._turn}")
+
+    async def _partial_transcript(self, audio: np.ndarray):
+        try:
+            result = await self.stt.transcribe(audio, final=False, language=self.config.language,
+                                               prompt=self.config.stt_prompt)
+            if result is not None and result.text and self.segmenter.speaking:
+                self._emit(Transcript(result.text, final=False, language=result.language))
+            return result
+        finally:
+            if self._partial is not None and self._partial[0] is asyncio.current_task():
+                self._partial = None
+
+    def _cancel_partial(self) -> None:
+        if self._partial is not None:
+            self._partial[0].cancel()
+            self._partial = None
+
+    async def _user_turn(self, audio: np.ndarray, reply: _Reply, reuse: asyncio.Task | None) -> None:
+        if self.stt is None:
+            return
+        result = None
+        try:
+            async with asyncio.timeout(self.options.stt_timeout_s):
+                if reuse is not None:
+                    result = await reuse
+                if result is None:
+                    result = await self.stt.transcribe(audio, final=True, language=self.config.language,
+                                                       prompt=self.config.stt_prompt)
+        except Exception as e:  # the model failed to load or decode: say so, keep listening
+            self._log.exception("speech recognition failed")
+            self._emit(ErrorEvent("stt", f"speech recognition failed: {e}"))
+        reply.stt_ms = (time.monotonic() - reply.t_decided) * 1000
+        text = result.text.strip() if result else ""
+        if not text:
+            if self._reply is None and not self.segmenter.speaking:
+                self._set_state(AgentState.LISTENING)
+            return
+        self._interrupt()  # a reply still thinking is superseded by this newer turn
+        self._emit(Transcript(text, final=True, language=result.language))
+        self._start_reply(text, reply)
+
+    # ------------------------------------------------------------------ replies
+
+    def _start_reply(self, user_text: str | None, reply: _Reply, fixed: str | None = None) -> None:
+        if user_text is not None:
+            self.history.append({"role": "user", "content": user_text})
+        self._reply_seq += 1
+        reply.id = self._reply_seq
+        reply.played = asyncio.get_running_loop().create_future()
+        self._reply = reply
+        if self.state is not AgentState.USER_SPEAKING:
+            self._set_state(AgentState.THINKING)
+        reply.task = self._spawn(self._run_reply(reply, fixed), f"reply {reply.id}")
+
+    async def _run_reply(self, reply: _Reply, fixed: str | None) -> None:
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        pushed = False
+
+        async def generate() -> None:
+            try:
+                if fixed is not None:
+                    reply.t_llm_request = reply.t_first_token = reply.t_first_sentence = time.monotonic()
+                    reply.text.append(fixed)
+                    self._emit(BotText(fixed, spoken=False))
+                    await sentences.put(fixed)
+                    return
+                messages = [{"role": "system", "content": self.config.system_prompt}, *llm_messages(self.history)]
+                agg = SentenceAggregator()
+                reply.t_llm_request = time.monotonic()
+                try:
+                    async for delta in self.llm.stream(messages):
+                        if reply.t_first_token is None:
+                            reply.t_first_token = time.monotonic()
+                        for s in agg.push(delta):
+                            await self._queue_sentence(reply, s, sentences)
+                    for s in agg.flush():
+                        await self._queue_sentence(reply, s, sentences)
+                except LLMError as e:
+                    self._log.warning("turn %d: %s", reply.turn, e)
+                    self._emit(ErrorEvent("llm", str(e)))
+                    for s in agg.flush():  # keep what was already said
+                        await self._queue_sentence(reply, s, sentences)
+                    if not reply.text:
+                        await self._queue_sentence(reply, self.options.llm_fallback_line, sentences)
+            finally:
+                await sentences.put(None)
+
+        async def speak() -> None:
+            nonlocal pushed
+            while (sentence := await sentences.get()) is not None:
+                if await self._synthesize(reply, sentence):
+                    pushed = True
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(generate())
+            tg.create_task(speak())
+        if pushed:
+            self.player.push(Segment(reply.id, "", complete=True, last=True))
+            try:
+                async with asyncio.timeout(self.options.max_reply_s):
+                    await reply.played
+            except TimeoutError:
+                self._log.warning("turn %d: reply never finished playing", reply.turn)
+        self._finish(reply)
+
+    async def _queue_sentence(self, reply: _Reply, sentence: str, queue: asyncio.Queue) -> None:
+        if reply.t_first_sentence is None:
+            reply.t_first_sentence = time.monotonic()
+        reply.text.append(sentence)
+        self._emit(BotText(sentence, spoken=False))
+        await queue.put(sentence)
+
+    async def _synthesize(self, reply: _Reply, sentence: str) -> bool:
+        """Speak one sentence into the player; on failure the text stays on screen. True if audio."""
+        resampler = StreamResampler(OUTPUT_RATE)
+        seg = Segment(reply.id, sentence)
+        t0 = time.monotonic()
+        pushed = False
+
+        def add(pcm: np.ndarray, words) -> None:
+            nonlocal pushed
+            seg.append(pcm, words)
+            if len(seg.pcm) and not pushed:
+                # Queued at its first audio so playback starts while the rest is synthesized.
+                pushed = True
+                if reply.tts_ttfb_ms is None:
+                    reply.tts_ttfb_ms = (time.monotonic() - t0) * 1000
+                self.player.push(seg)
+
+        try:
+            async with asyncio.timeout(self.options.tts_timeout_s):
+                rate = 24000
+                async for chunk in self.tts.synthesize(sentence, self.config.language or "en", self.config.voice):
+                    rate = chunk.sample_rate
+                    add(float_to_int16(resampler.process(chunk.pcm, rate)), chunk.words)
+                add(float_to_int16(resampler.process(np.zeros(0, np.float32), rate, last=True)), ())
+        except (TTSError, TimeoutError) as e:
+            self._log.warning("turn %d: tts failed: %s", reply.turn, e)
+            self._emit(ErrorEvent("tts", f"speech synthesis failed: {e}"))
+        finally:
+            seg.complete = True  # never leave the player waiting on a sentence that will not grow
+        return pushed
+
+    # ------------------------------------------------------------------ playback callbacks (audio clock)
+
+    def _on_reply_start(self, reply_id: int) -> None:
+        reply = self._reply
+        if reply is None or reply.id != reply_id:
+            return
+        reply.started_playing = True
+        now = time.monotonic()
+        self._emit(BotStartedSpeaking())
+        if not self._barge_pending:
+            self._set_state(AgentState.SPEAKING)
+        m = TurnMetrics(reply.turn, stt_ms=reply.stt_ms)
+        if reply.t_first_token is not None:
+            m.llm_ttft_ms = (reply.t_first_token - reply.t_llm_request) * 1000
+        m.tts_ttfb_ms = reply.tts_ttfb_ms
+        if reply.t_speech_end is not None:
+            m.voice_to_voice_ms = (now - reply.t_speech_end) * 1000
+        engines = (reply.stt_ms or 0) + ((reply.t_first_sentence or reply.t_llm_request) - reply.t_llm_request) * 1000 \
+            + (m.tts_ttfb_ms or 0)
+        m.pipeline_ms = max((now - reply.t_decided) * 1000 - engines, 0.0)
+        self.metrics.append(m)
+        self._emit(m)
+
+    def _on_segment_start(self, seg: Segment) -> None:
+        if self._reply is not None and seg.reply_id == self._reply.id:
+            self._emit(BotText(seg.text, spoken=True))
+
+    def _on_reply_end(self, reply_id: int) -> None:
+        if self._reply is not None and self._reply.id == reply_id and not self._reply.played.done():
+            self._reply.played.set_result(None)
+
+    # ------------------------------------------------------------------ ending replies
+
+    def _finish(self, reply: _Reply) -> None:
+        """The reply was generated and played in full."""
+        if self._reply is not reply:
+            return
+        self._reply = None
+        full = " ".join(reply.text).strip()
+        if full:
+            self.history.append({"role": "assistant", "content": full})
+        self.player.forget(reply.id)
+        if reply.started_playing:
+            self._emit(BotStoppedSpeaking())
+        if not self.segmenter.speaking:
+            self._set_state(AgentState.LISTENING)
+
+    def _interrupt(self) -> None:
+        """Cut the current reply off: silence now, cancel its work, keep only what was heard."""
+        reply = self._reply
+        if reply is None:
+            return
+        self._finish_interrupted(reply)
+        if reply.task is not None and reply.task is not asyncio.current_task():
+            reply.task.cancel()
+
+    def _finish_interrupted(self, reply: _Reply) -> None:
+        self._reply = None
+        self._barge_pending = False
+        heard = self.player.heard_text(reply.id)
+        self.player.clear(reply.id)
+        full = " ".join(reply.text).strip()
+        if heard:
+            self.history.append({"role": "assistant", "content": heard, "interrupted": True})
+        if reply.started_playing:
+            self._emit(BotInterrupted(spoken_text=heard, full_text=full))
+            self._emit(BotStoppedSpeaking(interrupted=True))
+        self._log.info("turn %d interrupted after %r", reply.turn, heard)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _set_state(self, state: AgentState) -> None:
+        if state is not self.state:
+            previous, self.state = self.state, state
+            self._emit(StateChanged(state, previous))
+
+    def _spawn(self, coro: Coroutine, what: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("task %s failed", task.get_name(), exc_info=task.exception())
+            self._emit(ErrorEvent("pipeline", f"internal error in {task.get_name()}: {task.exception()}"))
+
+
+def llm_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """History as the chat API wants it (our bookkeeping keys stripped)."""
+    return [{"role": m["role"], "content": m["content"]} for m in history]
+

@@ -1,0 +1,179 @@
+"""Voice activity detection: Silero (ONNX) and the speech segmenter built on it.
+
+One ONNX session per process is shared by every conversation (``onnxruntime`` sessions are safe to
+run concurrently); each conversation keeps only its recurrent state and 64-sample context.
+
+Defaults, measured on ../shared/speech with ``bench/vad_defaults.py``:
+- ``threshold=0.5``: Silero's own default; speech frames in the recordings sit at 0.9+, noise at < 0.2.
+- ``endpoint_silence_ms=500``: at 100 ms the German and French readings split at their commas; from
+  300 ms on every ordinary utterance is one segment. 500 ms leaves room for the pauses people make
+  while thinking through an answer; only oratory (JFK's 0.7-1 s pauses) still splits, as it should.
+- ``min_speech_ms=100``: shorter bursts (clicks, taps) are never turns.
+- ``pre_roll_ms=300``: Silero needs two or three windows to cross the threshold; keeping 300 ms
+  before the trigger puts the segment start within one window of the true onset.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .frames import PIPELINE_RATE
+
+WINDOW = 512  # Silero's window at 16 kHz: 32 ms
+CONTEXT = 64
+WINDOW_S = WINDOW / PIPELINE_RATE
+
+
+@lru_cache(maxsize=1)
+def _session():
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    # Each conversation calls this 31 times a second with a tiny input: thread pools cost more
+    # than they save, and many rooms share the cores anyway.
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    path = importlib.resources.files("silero_vad").joinpath("data/silero_vad.onnx")
+    return onnxruntime.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class SileroVAD:
+    """Speech probability per 512-sample window; holds one stream's recurrent state."""
+
+    def __init__(self) -> None:
+        self._session = _session()
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._context = np.zeros((1, CONTEXT), np.float32)
+
+    def __call__(self, window: np.ndarray) -> float:
+        x = np.concatenate([self._context, window.reshape(1, WINDOW).astype(np.float32)], axis=1)
+        out, self._state = self._session.run(
+            None, {"input": x, "state": self._state, "sr": np.array(PIPELINE_RATE, np.int64)}
+        )
+        self._context = x[:, -CONTEXT:]
+        return float(out[0][0])
+
+
+@dataclass(frozen=True)
+class VADOptions:
+    threshold: float = 0.5
+    # Hysteresis: once speaking, stay speaking until the probability falls below this.
+    neg_threshold: float | None = None  # default threshold - 0.15
+    min_speech_ms: int = 100
+    endpoint_silence_ms: int = 500
+    pre_roll_ms: int = 300
+    max_segment_s: float = 30.0  # Whisper's window; longer speech is cut into turns
+
+    @property
+    def off_threshold(self) -> float:
+        return self.neg_threshold if self.neg_threshold is not None else max(self.threshold - 0.15, 0.01)
+
+
+@dataclass(slots=True)
+class SpeechStart:
+    t: float  # stream time (s) of the segment start, pre-roll included
+
+
+@dataclass(slots=True)
+class SpeechEnd:
+    t: float  # stream time (s) of the last voiced window's end
+    audio: np.ndarray  # the whole segment, pre-roll included, 16 kHz float32
+    start: float
+
+
+class Segmenter:
+    """Turns a 16 kHz stream into speech segments.
+
+    ``feed`` returns the events that the new samples completed. ``speaking`` and ``segment_audio``
+    let the caller read the growing utterance for interim transcripts.
+    """
+
+    def __init__(self, options: VADOptions | None = None, vad: SileroVAD | None = None):
+        self.options = options or VADOptions()
+        self.vad = vad or SileroVAD()
+        self._pending = np.zeros(0, np.float32)
+        self._t = 0.0  # stream time at the start of ``_pending``
+        roll = int(self.options.pre_roll_ms / 1000 / WINDOW_S) + 1
+        self._pre_roll: deque[np.ndarray] = deque(maxlen=roll)
+        self._segment: list[np.ndarray] = []
+        self._speaking = False
+        self._voiced_run = 0  # consecutive voiced windows while not yet speaking
+        self._silent_run = 0
+        self._start_t = 0.0
+        self._last_voiced_end = 0.0
+        self.last_probability = 0.0
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def now(self) -> float:
+        return self._t + len(self._pending) / PIPELINE_RATE
+
+    def segment_audio(self) -> np.ndarray:
+        return np.concatenate(self._segment) if self._segment else np.zeros(0, np.float32)
+
+    def reset(self) -> None:
+        self.vad.reset()
+        self._pre_roll.clear()
+        self._segment = []
+        self._speaking = False
+        self._voiced_run = self._silent_run = 0
+
+    def feed(self, samples: np.ndarray) -> list[SpeechStart | SpeechEnd]:
+        events: list[SpeechStart | SpeechEnd] = []
+        buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
+        n = len(buf) // WINDOW
+        for i in range(n):
+            window = buf[i * WINDOW : (i + 1) * WINDOW]
+            t0 = self._t + i * WINDOW_S
+            ev = self._step(window, t0)
+            if ev is not None:
+                events.append(ev)
+        self._pending = buf[n * WINDOW :].copy()
+        self._t += n * WINDOW_S
+        return events
+
+    def _step(self, window: np.ndarray, t0: float) -> SpeechStart | SpeechEnd | None:
+        o = self.options
+        p = self.vad(window)
+        self.last_probability = p
+        min_speech = max(1, round(o.min_speech_ms / 1000 / WINDOW_S))
+        endpoint = max(1, round(o.endpoint_silence_ms / 1000 / WINDOW_S))
+        if not self._speaking:
+            self._pre_roll.append(window)
+            self._voiced_run = self._voiced_run + 1 if p >= o.threshold else 0
+            if self._voiced_run >= min_speech:
+                self._speaking = True
+                self._silent_run = 0
+                self._segment = list(self._pre_roll)
+                self._pre_roll.clear()
+                self._start_t = t0 + WINDOW_S - len(self._segment) * WINDOW_S
+                self._last_voiced_end = t0 + WINDOW_S
+                return SpeechStart(self._start_t)
+            return None
+        self._segment.append(window)
+        if p >= o.off_threshold:
+            self._silent_run = 0
+            self._last_voiced_end = t0 + WINDOW_S
+        else:
+            self._silent_run += 1
+        too_long = len(self._segment) * WINDOW_S >= o.max_segment_s
+        if self._silent_run >= endpoint or too_long:
+            # Keep 300 ms after the last voiced window: Silero's probability drops during soft final
+            # fricatives ("meters") that Whisper still needs to hear.
+            keep = len(self._segment) - max(self._silent_run - 10, 0)
+            audio = np.concatenate(self._segment[:keep])
+            self._speaking = False
+            self._voiced_run = self._silent_run = 0
+            self._segment = []
+            return SpeechEnd(self._last_voiced_end, audio, self._start_t)
+        return None

@@ -1,0 +1,88 @@
+"""A local OpenAI-compatible chat-completions server (the real HTTP + SSE protocol) for tests.
+
+Stands in for the paid LLM API only. Each test scripts its behaviour: the reply text, a status
+code, a hang, a delay before the first token; every request body is recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    reply: str = "That is interesting. Tell me more about it."
+    status: int = 200
+    hang: bool = False  # accept the request and never answer
+    first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    chunk_words: int = 1  # words per SSE chunk
+
+
+@dataclass
+class FakeLLM:
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    requests: list[dict] = field(default_factory=list)
+    # Per-request replies, used in order before falling back to ``behaviour.reply``.
+    script: list[str] = field(default_factory=list)
+    reply_for: object = None  # optional callable(request) -> reply text
+    url: str = ""
+    _runner: web.AppRunner | None = None
+    _release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> "FakeLLM":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        b = self.behaviour
+        if b.hang:
+            await self._release.wait()
+            return web.Response(status=503)
+        if b.status != 200:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=b.status)
+        if callable(self.reply_for):
+            text = self.reply_for(body)
+        else:
+            text = self.script.pop(0) if self.script else b.reply
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if b.first_token_delay_s:
+            await asyncio.sleep(b.first_token_delay_s)  # simulated model latency, not a wait for an event
+        words = text.split(" ")
+        for i in range(0, len(words), b.chunk_words):
+            piece = " ".join(words[i : i + b.chunk_words]) + (" " if i + b.chunk_words < len(words) else "")
+            await resp.write(_sse(body, {"content": piece}))
+            if b.token_delay_s:
+                await asyncio.sleep(b.token_delay_s)
+        await resp.write(_sse(body, {}, finish="stop"))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _sse(body: dict, delta: dict, finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": body.get("model", "test"),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(chunk)}\n\n".encode()

@@ -1,0 +1,89 @@
+"""Resampling and Silero VAD segmentation on real recordings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.audio import InputConverter, to_mono
+from pipeline.frames import AudioFrame
+from pipeline.vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
+
+RECORDINGS = ["en_birch_canoe.wav", "en_LDC93S1_timit.wav", "en_goforward.wav"]
+
+
+def voiced_bounds(x: np.ndarray, rate: int = 16000) -> tuple[float, float]:
+    """First and last 10 ms window within 25 dB of the loudest (the noise floor here is -27 dB and below)."""
+    win = rate // 100
+    rms = np.sqrt(np.mean(x[: len(x) // win * win].reshape(-1, win) ** 2, axis=1))
+    voiced = np.nonzero(rms > rms.max() * 10 ** (-25 / 20))[0]
+    return voiced[0] * 0.01, (voiced[-1] + 1) * 0.01
+
+
+def test_downmix_and_resample_48k_stereo_to_16k_mono():
+    t = np.arange(48000) / 48000
+    tone = (np.sin(2 * np.pi * 440 * t) * 16000).astype(np.int16)
+    stereo = np.stack([tone, tone], axis=1).reshape(-1)
+    conv = InputConverter()
+    out = np.concatenate([conv.convert(AudioFrame(stereo[i : i + 1920], 48000, 2)) for i in range(0, len(stereo), 1920)])
+    assert abs(len(out) - 16000) < 400  # the streaming filter holds back a few ms
+    spectrum = np.abs(np.fft.rfft(out[2000:14000]))
+    peak_hz = np.argmax(spectrum) * 16000 / len(out[2000:14000])
+    assert abs(peak_hz - 440) < 3
+    assert 0.45 < np.max(np.abs(out[2000:])) < 0.52  # 16000/32768, no gain change
+
+
+def test_input_rate_change_mid_stream_is_handled():
+    conv = InputConverter()
+    a = conv.convert(AudioFrame(np.zeros(480 * 10, np.int16), 24000, 1))
+    b = conv.convert(AudioFrame(np.ones(960 * 10, np.int16), 48000, 1))
+    assert a.dtype == np.float32 and b.dtype == np.float32
+
+
+def test_to_mono_averages_channels():
+    pcm = np.array([1000, -1000, 2000, 0], np.int16)
+    assert np.allclose(to_mono(pcm, 2), [0.0, 1000 / 32768])
+
+
+def test_three_recordings_give_exactly_three_turns_with_their_whole_speech(speech):
+    gap = np.zeros(int(1.2 * 16000), np.float32)
+    parts, placements = [gap], []
+    for name in RECORDINGS:
+        x = speech(name)
+        pos = sum(len(p) for p in parts) / 16000
+        on, off = voiced_bounds(x)
+        placements.append((pos + on, pos + off))
+        parts += [x, gap]
+    stream = np.concatenate(parts)
+    seg = Segmenter(VADOptions())
+    events = []
+    for i in range(0, len(stream), 320):  # 20 ms frames, as transports deliver them
+        events += seg.feed(stream[i : i + 320])
+    starts = [e for e in events if isinstance(e, SpeechStart)]
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert len(starts) == 3 and len(ends) == 3, [(type(e).__name__, round(e.t, 2)) for e in events]
+    for end, (onset, offset) in zip(ends, placements):
+        # Pre-roll: the segment starts before the first syllable, but not far into the silence.
+        assert onset - 0.4 <= end.start <= onset + 0.1, (end.start, onset)
+        seg_end = end.start + len(end.audio) / 16000
+        assert seg_end >= offset, (seg_end, offset)
+        assert len(end.audio) / 16000 < (offset - onset) + 1.0
+
+
+def test_noise_and_silence_make_no_turn(speech):
+    noise = speech("sb_noise2.wav") * 0.3
+    seg = Segmenter()
+    events = []
+    for x in (np.zeros(32000, np.float32), noise):
+        for i in range(0, len(x), 320):
+            events += seg.feed(x[i : i + 320])
+    assert not [e for e in events if isinstance(e, SpeechEnd) and len(e.audio) > 16000 * 0.5]
+
+
+@pytest.mark.parametrize("click_ms", [150])
+def test_short_click_is_not_speech(click_ms):
+    rng = np.random.default_rng(1)
+    click = rng.normal(0, 0.3, int(click_ms / 1000 * 16000)).astype(np.float32)
+    x = np.concatenate([np.zeros(8000, np.float32), click, np.zeros(16000, np.float32)])
+    seg = Segmenter()
+    events = [e for i in range(0, len(x), 320) for e in seg.feed(x[i : i + 320])]
+    assert not [e for e in events if isinstance(e, SpeechEnd)]
