@@ -84,7 +84,6 @@ class Conversation:
         self._reply_seq = 0
         self._turn = 0
         self._barge_pending = False
-        self._speech_start_t = 0.0  # stream time of the current utterance's start
         self._partial: tuple[asyncio.Task, float] | None = None  # (task, stream time its audio ends)
         self._last_partial_t = 0.0
         self._closed = False
@@ -138,7 +137,6 @@ class Conversation:
     # ------------------------------------------------------------------ speech events
 
     def _on_speech_start(self, ev: SpeechStart) -> None:
-        self._speech_start_t = ev.t
         self._last_partial_t = self.segmenter.now
         self._emit(UserStartedSpeaking())
         if self._reply is not None:
@@ -150,7 +148,9 @@ class Conversation:
     def _while_speaking(self) -> None:
         o = self.options
         now = self.segmenter.now
-        if self._barge_pending and now - self._speech_start_t >= o.min_interruption_s:
+        # Measured on voiced audio only: the segment start includes the pre-roll, and the elapsed
+        # time includes the endpoint silence, either of which made every "mm-hm" an interruption.
+        if self._barge_pending and self.segmenter.voiced_s >= o.min_interruption_s:
             self._barge_pending = False
             self._interrupt()
         if (self.stt is not None and o.partial_interval_s > 0 and self._partial is None
@@ -319,6 +319,8 @@ class Conversation:
         except (TTSError, TimeoutError) as e:
             self._log.warning("turn %d: tts failed: %s", reply.turn, e)
             self._emit(ErrorEvent("tts", f"speech synthesis failed: {e}"))
+            if not pushed:
+                self._emit(BotText(sentence, spoken=False, tts_failed=True))
         finally:
             seg.complete = True  # never leave the player waiting on a sentence that will not grow
         return pushed

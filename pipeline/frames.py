@@ -90,6 +90,7 @@ class BotText(Event):
     interruptible: ClassVar[bool] = True
     text: str
     spoken: bool
+    tts_failed: bool = False  # shown as text only: the voice could not say it
 
 
 @dataclass(slots=True)

@@ -95,7 +95,7 @@ class OpenAILLM:
 def _describe(e: Exception | None) -> str:
     import openai
 
-    if isinstance(e, TimeoutError):
+    if isinstance(e, (TimeoutError, openai.APITimeoutError)):  # the latter is an APIConnectionError
         return "timed out"
     if isinstance(e, openai.APIStatusError):
         return f"HTTP {e.status_code}"

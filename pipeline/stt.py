@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -131,6 +132,7 @@ class WhisperSTT:
         self._load_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
         self._scheduler = _Scheduler()
+        self._scheduler_loop: weakref.ref | None = None
 
     def load(self):
         """Load the model (blocking; idempotent). Raises with a clear message when it cannot."""
@@ -168,13 +170,28 @@ class WhisperSTT:
         if duration < o.min_audio_s or rms_dbfs(audio) < o.silence_dbfs:
             return STTResult("", language, 1.0, 0.0, duration, 0.0)
         deadline = None if final else time.monotonic() + o.partial_deadline_s
-        if not await self._scheduler.acquire(final, deadline):
+        scheduler = self._scheduler_for_loop()
+        if not await scheduler.acquire(final, deadline):
             return None
+        job = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, audio, language, prompt, final)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._decode, audio, language, prompt, final)
+            return await asyncio.shield(job)
         finally:
-            self._scheduler.release()
+            if job.done():
+                scheduler.release()
+            else:
+                # The caller gave up (a partial superseded by the final, a barge-in) but the thread
+                # still decodes: hold the slot until it is really free, or the next job would queue
+                # unseen in the executor and a final could wait behind a partial.
+                job.add_done_callback(lambda job: _release_after(job, scheduler))
+
+    def _scheduler_for_loop(self) -> _Scheduler:
+        # The slot lives on one event loop. A new loop (each test has its own; a restarted server)
+        # gets a fresh scheduler, so a decode left running by a closed loop cannot hold it forever.
+        loop = asyncio.get_running_loop()
+        if self._scheduler_loop is None or self._scheduler_loop() is not loop:
+            self._scheduler, self._scheduler_loop = _Scheduler(), weakref.ref(loop)
+        return self._scheduler
 
     def _decode(self, audio: np.ndarray, language: str | None, prompt: str | None, final: bool) -> STTResult:
         o = self.options
@@ -210,6 +227,12 @@ class WhisperSTT:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _release_after(job: asyncio.Future, scheduler: _Scheduler) -> None:
+    if not job.cancelled():
+        job.exception()  # retrieved: nobody is left to see it
+    scheduler.release()
 
 
 _shared: dict[WhisperOptions, WhisperSTT] = {}

@@ -68,10 +68,13 @@ class EspeakTTS:
         if not self.binary:
             raise TTSError("espeak-ng is not installed")
         voice = voice if voice and "Neural" not in voice else ESPEAK_VOICES.get(language, language or "en")
-        proc = await asyncio.create_subprocess_exec(
-            self.binary, "-v", voice, "-s", str(self.rate_wpm), "--stdout", "--", text,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.binary, "-v", voice, "-s", str(self.rate_wpm), "--stdout", "--", text,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as e:  # missing or not executable: a TTS failure, not a crashed reply
+            raise TTSError(f"cannot run espeak-ng ({self.binary}): {e.strerror or e}") from e
         try:
             async with asyncio.timeout(self.timeout_s):
                 out, err = await proc.communicate()

@@ -79,6 +79,7 @@ class VADOptions:
 @dataclass(slots=True)
 class SpeechStart:
     t: float  # stream time (s) of the segment start, pre-roll included
+    onset: float = 0.0  # stream time (s) of the first voiced window (no pre-roll)
 
 
 @dataclass(slots=True)
@@ -107,6 +108,7 @@ class Segmenter:
         self._voiced_run = 0  # consecutive voiced windows while not yet speaking
         self._silent_run = 0
         self._start_t = 0.0
+        self._onset_t = 0.0
         self._last_voiced_end = 0.0
         self.last_probability = 0.0
 
@@ -117,6 +119,12 @@ class Segmenter:
     @property
     def now(self) -> float:
         return self._t + len(self._pending) / PIPELINE_RATE
+
+    @property
+    def voiced_s(self) -> float:
+        """While speaking: seconds from the first voiced window to the end of the last one (pauses
+        included, the trailing silence not): how long the person has actually been talking."""
+        return self._last_voiced_end - self._onset_t if self._speaking else 0.0
 
     def segment_audio(self) -> np.ndarray:
         return np.concatenate(self._segment) if self._segment else np.zeros(0, np.float32)
@@ -157,8 +165,9 @@ class Segmenter:
                 self._segment = list(self._pre_roll)
                 self._pre_roll.clear()
                 self._start_t = t0 + WINDOW_S - len(self._segment) * WINDOW_S
+                self._onset_t = t0 + WINDOW_S - self._voiced_run * WINDOW_S
                 self._last_voiced_end = t0 + WINDOW_S
-                return SpeechStart(self._start_t)
+                return SpeechStart(self._start_t, self._onset_t)
             return None
         self._segment.append(window)
         if p >= o.off_threshold:

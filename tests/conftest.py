@@ -57,10 +57,13 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list = []
+        self.frames: list[int | None] = []  # the audio clock (a Driver's frame index) at each event
+        self.clock: Callable[[], int] | None = None  # set by the Driver
         self._changed = asyncio.Event()
 
     def __call__(self, event) -> None:
         self.events.append(event)
+        self.frames.append(self.clock() if self.clock else None)
         self._changed.set()
 
     def notify(self) -> None:
@@ -68,6 +71,10 @@ class EventLog:
 
     def of(self, kind) -> list:
         return [e for e in self.events if isinstance(e, kind)]
+
+    def frame_of(self, event) -> int | None:
+        """The audio-clock frame during which ``event`` was emitted."""
+        return next(f for e, f in zip(self.events, self.frames) if e is event)
 
     async def wait_for(self, predicate: Callable[[list], object], timeout: float = 10.0):
         async with asyncio.timeout(timeout):
@@ -80,3 +87,41 @@ class EventLog:
 @pytest.fixture
 def event_log() -> EventLog:
     return EventLog()
+
+
+@pytest.fixture
+def loopback_ice(monkeypatch):
+    """aioice finds no candidates on a loopback-only host unless 127.0.0.1 is a host address."""
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.fixture
+async def parley_server(tiny_whisper_path, fake_llm, loopback_ice):
+    """A real ``parley serve`` (uvicorn + FastAPI) on a free loopback port, in this event loop."""
+    import socket
+
+    import uvicorn
+
+    from agent.config import Settings
+    from signaling.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(host="127.0.0.1", port=port, stt_model=str(tiny_whisper_path), stt_device="cpu",
+                        stt_max_new_tokens=12, llm_base_url=fake_llm.url, llm_api_key="test", llm_model="test-model",
+                        tts="espeak", room_grace_s=2.0, _env_file=None)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    async with asyncio.timeout(30):
+        while not server.started:  # uvicorn exposes no start event; this yields until it listens
+            await asyncio.sleep(0.02)
+    server.app_state = app.state
+    server.url = f"http://127.0.0.1:{port}"
+    server.llm = fake_llm
+    yield server
+    server.should_exit = True
+    await asyncio.wait_for(task, 30)

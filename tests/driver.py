@@ -37,6 +37,7 @@ class Driver:
             log.notify()
 
         conv.player.push = push_and_wake
+        log.clock = lambda: len(self.out)  # events emitted while frame N is pushed or read carry N
 
     @property
     def frame(self) -> int:

@@ -30,6 +30,9 @@ class FakeLLM:
     # Per-request replies, used in order before falling back to ``behaviour.reply``.
     script: list[str] = field(default_factory=list)
     reply_for: object = None  # optional callable(request) -> reply text
+    # Per-request HTTP statuses, used in order before falling back to ``behaviour.status``.
+    statuses: list[int] = field(default_factory=list)
+    port: int = 0  # 0: any free port
     url: str = ""
     _runner: web.AppRunner | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -39,7 +42,7 @@ class FakeLLM:
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}/v1"
@@ -57,8 +60,9 @@ class FakeLLM:
         if b.hang:
             await self._release.wait()
             return web.Response(status=503)
-        if b.status != 200:
-            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=b.status)
+        status = self.statuses.pop(0) if self.statuses else b.status
+        if status != 200:
+            return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=status)
         if callable(self.reply_for):
             text = self.reply_for(body)
         else:

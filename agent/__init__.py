@@ -1,0 +1,1 @@
+"""One conversation per room: transports, rooms, engines and the CLI."""

@@ -1,0 +1,72 @@
+"""The ``parley`` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+
+class _ContextFilter(logging.Filter):
+    """Every record gets a ``room`` so the format can always show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "room"):
+            record.room = "-"
+        return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [room=%(room)s] %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from signaling.app import create_app
+
+    from .config import get_settings
+
+    settings = get_settings()
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    setup_logging(settings.log_level)
+    log = logging.getLogger("parley")
+    mode = "offline personas (no LLM configured)" if settings.offline_llm else f"LLM {settings.llm_model}"
+    log.info("Parley on http://%s:%d  (%s, STT %s, TTS %s)", settings.host, settings.port, mode,
+             settings.stt_model, settings.tts)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None)
+
+
+def bench(args: argparse.Namespace) -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.what}.py"
+    if not script.exists():
+        sys.exit(f"no benchmark {args.what!r} (benchmarks run from a source checkout: {script.parent})")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parley", description="Real-time voice agent for practice conversations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the web server and the agent")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=serve)
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (pipeline, ...)")
+    p.add_argument("what")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bench)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

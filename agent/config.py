@@ -1,0 +1,79 @@
+"""All of Parley's configuration: environment variables with the PARLEY_ prefix, or a .env file."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("parley"))
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("parley"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARLEY_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    # Speech recognition. "base" answers in well under a second on a laptop CPU; on a GPU use
+    # large-v3-turbo. A size name is fetched once into the cache; a local path is used as is.
+    stt_model: str = "base"
+    stt_device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    stt_compute_type: str = "auto"
+    stt_max_new_tokens: int | None = None
+    stt_partial_interval_s: float = 0.6
+
+    # LLM: any OpenAI-compatible server. With neither a key nor a base URL, Parley runs its
+    # offline personas (question bank and heuristic feedback) so the page works out of the box.
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_offline: bool = False
+    llm_first_token_timeout_s: float = 15.0
+
+    tts: str = Field("edge", pattern="^(edge|espeak)$")
+    tts_voice: str | None = None
+
+    database_url: str | None = None
+
+    # Rooms
+    max_rooms: int = 50
+    room_grace_s: float = 30.0  # a room whose peer dropped waits this long for a reconnect
+    max_session_s: float = 3600.0
+    max_message_bytes: int = 16 * 1024  # data-channel messages
+    max_body_bytes: int = 64 * 1024  # signaling requests
+
+    vad_threshold: float = 0.5
+    vad_endpoint_silence_ms: int = 500
+    min_interruption_s: float = 0.35
+
+    @model_validator(mode="after")
+    def _openai_fallbacks(self) -> "Settings":
+        # The openai client's own variables work too, so existing set-ups need no renaming.
+        if self.llm_base_url is None:
+            self.llm_base_url = os.environ.get("OPENAI_BASE_URL") or None
+        if self.llm_api_key is None:
+            self.llm_api_key = os.environ.get("OPENAI_API_KEY") or None
+        return self
+
+    @property
+    def offline_llm(self) -> bool:
+        return self.llm_offline or not (self.llm_api_key or self.llm_base_url)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

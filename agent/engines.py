@@ -1,0 +1,54 @@
+"""The engines one process shares across all rooms: one Whisper, one LLM client, one TTS."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from personas.catalog import PersonaSession
+from personas.offline import OfflinePersonaLLM
+from pipeline.llm import LLM, LLMOptions, OpenAILLM
+from pipeline.stt import WhisperOptions, WhisperSTT, shared_whisper
+from pipeline.tts import TTS, make_tts
+
+from .config import Settings, cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engines:
+    stt: WhisperSTT
+    tts: TTS
+    llm: OpenAILLM | None  # None: offline personas
+    stt_status: str = "not loaded"
+
+    def llm_for(self, persona: PersonaSession) -> LLM:
+        return self.llm if self.llm is not None else OfflinePersonaLLM(persona)
+
+    async def warm_up(self) -> None:
+        """Load Whisper before the first person speaks; a failure is reported, not fatal:
+        typed input keeps working and the error reaches the page."""
+        self.stt_status = "loading"
+        try:
+            await self.stt.warm_up()
+            self.stt_status = "ready"
+        except Exception as e:
+            self.stt_status = f"error: {e}"
+            log.error("speech recognition unavailable: %s", e)
+
+    async def aclose(self) -> None:
+        if self.llm is not None:
+            await self.llm.aclose()
+
+
+def build_engines(settings: Settings) -> Engines:
+    stt = shared_whisper(WhisperOptions(
+        model=settings.stt_model, device=settings.stt_device, compute_type=settings.stt_compute_type,
+        max_new_tokens=settings.stt_max_new_tokens, download_root=str(cache_dir() / "models"),
+    ))
+    llm = None
+    if not settings.offline_llm:
+        llm = OpenAILLM(LLMOptions(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
+                                   model=settings.llm_model,
+                                   first_token_timeout_s=settings.llm_first_token_timeout_s))
+    return Engines(stt=stt, tts=make_tts(settings.tts), llm=llm)

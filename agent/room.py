@@ -1,0 +1,217 @@
+"""Rooms: one conversation each, reachable by one peer at a time.
+
+A room outlives its peer connections: a page reload or an ICE restart attaches a new peer to the
+same conversation. A room with no peer closes after a grace period; every task it started is
+cancelled and awaited.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from personas.catalog import PersonaSession, build
+from pipeline import frames as F
+from pipeline.conversation import Conversation
+from pipeline.turns import TurnOptions
+from pipeline.vad import VADOptions
+
+from . import rtvi
+from .config import Settings
+from .engines import Engines
+from .peer import Peer, SignalingError
+
+log = logging.getLogger(__name__)
+ROOM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class RoomError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Room:
+    def __init__(self, room_id: str, persona: PersonaSession, settings: Settings, engines: Engines,
+                 on_empty: "callable"):
+        self.id = room_id
+        self.persona = persona
+        self.settings = settings
+        self.created = time.time()
+        self.peer: Peer | None = None
+        self._on_empty = on_empty
+        self._client_ready = False
+        self._greeted = False
+        self._grace: asyncio.Task | None = None
+        self._closed = False
+        self.conversation = Conversation(
+            stt=engines.stt, llm=engines.llm_for(persona), tts=engines.tts, config=persona.config,
+            vad_options=VADOptions(threshold=settings.vad_threshold,
+                                   endpoint_silence_ms=settings.vad_endpoint_silence_ms),
+            turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
+                                     partial_interval_s=settings.stt_partial_interval_s),
+            emit=self._on_event, name=room_id,
+        )
+        self._log = logging.LoggerAdapter(log, {"room": room_id})
+
+    # -- peers
+
+    def new_peer(self, pc_id: str) -> Peer:
+        return Peer(pc_id, self.conversation.push_audio, self.conversation.read_frame,
+                    self._on_message, self._on_peer_closed)
+
+    async def attach(self, peer: Peer) -> None:
+        old, self.peer = self.peer, peer
+        self._client_ready = False
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if old is not None and old is not peer:
+            await old.close()
+
+    def _on_peer_closed(self, peer: Peer) -> None:
+        if peer is self.peer and not self._closed:
+            self.peer = None
+            self._grace = asyncio.get_running_loop().create_task(self._close_after_grace(), name=f"{self.id}:grace")
+
+    async def _close_after_grace(self) -> None:
+        await asyncio.sleep(self.settings.room_grace_s)  # a reconnect within this window keeps the room
+        self._grace = None
+        await self._on_empty(self)
+
+    # -- messages
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.peer is not None and self._client_ready:
+            self.peer.send(json.dumps(msg))
+
+    def _on_event(self, ev: F.Event) -> None:
+        for msg in rtvi.from_event(ev):
+            self.send(msg)
+
+    def _on_message(self, peer: Peer, raw: str | bytes) -> None:
+        try:
+            msg = rtvi.parse(raw, self.settings.max_message_bytes)
+        except rtvi.BadMessage as e:
+            peer.send(json.dumps(rtvi.error(str(e))))
+            return
+        if msg is None:
+            return
+        match msg.type:
+            case "client-ready":
+                self._client_ready = True
+                peer.send(json.dumps(rtvi.bot_ready({"library": "parley", "room": self.id,
+                                                     "persona": self.persona.persona, **self.persona.options})))
+                peer.send(json.dumps(rtvi.server_message({"type": "state", "state": self.conversation.state.value})))
+                if not self._greeted:
+                    self._greeted = True
+                    asyncio.get_running_loop().create_task(self.conversation.start())
+            case "send-text":
+                content = msg.data.get("content")
+                if isinstance(content, str) and content.strip():
+                    self.conversation.push_text(content)
+                else:
+                    peer.send(json.dumps(rtvi.message("error-response", {"error": "send-text needs a non-empty 'content'"}, msg.id)))
+            case "disconnect-bot":
+                asyncio.get_running_loop().create_task(peer.close())
+            case "client-message":
+                peer.send(json.dumps(rtvi.message("error-response", {"error": f"unknown client message {msg.data.get('t')!r}"}, msg.id)))
+            case _:
+                self._log.debug("ignoring RTVI message %r", msg.type)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._grace is not None and self._grace is not asyncio.current_task():
+            self._grace.cancel()
+            await asyncio.gather(self._grace, return_exceptions=True)
+        if self.peer is not None:
+            peer, self.peer = self.peer, None
+            await peer.close()
+        await self.conversation.aclose()
+        self._log.info("room closed after %d turns", sum(1 for m in self.conversation.history if m["role"] == "user"))
+
+
+class RoomManager:
+    def __init__(self, settings: Settings, engines: Engines):
+        self.settings = settings
+        self.engines = engines
+        self.rooms: dict[str, Room] = {}
+        self.peers: dict[str, tuple[Peer, Room]] = {}
+        self._lock = asyncio.Lock()
+
+    async def offer(self, sdp: str, type_: str, pc_id: str | None, restart: bool, room_id: str | None,
+                    persona: str | None, options: dict[str, Any]) -> dict[str, str]:
+        if not isinstance(sdp, str) or not sdp.strip():
+            raise RoomError(400, "the offer needs a non-empty 'sdp'")
+        async with self._lock:  # one signaling change at a time keeps room/peer maps consistent
+            known = self.peers.get(pc_id) if pc_id else None
+            if known is not None and not restart and not known[0].closed:
+                peer, room = known  # renegotiation on the live connection
+                return await self._answer(peer, room, sdp, type_, fresh=False)
+            if known is not None:
+                room = known[1]  # a restart: a new connection for the same conversation
+            else:
+                room = self.rooms.get(room_id or "") if room_id else None
+                if room is None:
+                    room = self._create_room(room_id, persona, options)
+            peer = room.new_peer(pc_id or uuid.uuid4().hex)
+            return await self._answer(peer, room, sdp, type_, fresh=True)
+
+    async def _answer(self, peer: Peer, room: Room, sdp: str, type_: str, fresh: bool) -> dict[str, str]:
+        try:
+            answer = await peer.answer(sdp, type_)
+        except SignalingError as e:
+            if fresh:
+                await peer.pc.close()
+                if room.peer is None and not room.conversation.history:
+                    await self._drop(room)
+            raise RoomError(400, str(e)) from e
+        if fresh:
+            self.peers[peer.pc_id] = (peer, room)
+            await room.attach(peer)
+        return {"sdp": answer.sdp, "type": answer.type, "pc_id": peer.pc_id}
+
+    def _create_room(self, room_id: str | None, persona: str | None, options: dict[str, Any]) -> Room:
+        if room_id is not None and not ROOM_ID.match(room_id):
+            raise RoomError(400, "room ids are 1-64 letters, digits, '.', '_' or '-'")
+        if len(self.rooms) >= self.settings.max_rooms:
+            raise RoomError(429, f"the server is full ({self.settings.max_rooms} rooms); try again later")
+        try:
+            session = build(persona, options)
+        except ValueError as e:
+            raise RoomError(400, str(e)) from e
+        room = Room(room_id or uuid.uuid4().hex[:12], session, self.settings, self.engines, self._drop)
+        self.rooms[room.id] = room
+        log.info("room %s opened (%s %s)", room.id, session.persona, session.options)
+        return room
+
+    async def add_candidates(self, pc_id: str, candidates: list[dict[str, Any]]) -> None:
+        entry = self.peers.get(pc_id)
+        if entry is None:
+            raise RoomError(404, f"unknown pc_id {pc_id!r}")
+        peer = entry[0]
+        if peer.closed:
+            raise RoomError(409, f"connection {pc_id!r} is closed; send a new offer")
+        for c in candidates:
+            if not isinstance(c, dict) or not isinstance(c.get("candidate"), str):
+                raise RoomError(400, "each candidate needs a 'candidate' string")
+            try:
+                await peer.add_candidate(c["candidate"], c.get("sdp_mid"), c.get("sdp_mline_index"))
+            except SignalingError as e:
+                raise RoomError(400, str(e)) from e
+
+    async def _drop(self, room: Room) -> None:
+        if self.rooms.get(room.id) is room:
+            del self.rooms[room.id]
+        for pc_id in [k for k, (_, r) in self.peers.items() if r is room]:
+            del self.peers[pc_id]
+        await room.close()
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(self._drop(r) for r in list(self.rooms.values())), return_exceptions=True)

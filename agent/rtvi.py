@@ -1,0 +1,110 @@
+"""Pipeline events as RTVI messages (the Pipecat client protocol) and client messages parsed.
+
+Field names follow @pipecat-ai/client-js 1.13 (see tests/web/RTVI_NOTES.md): times in ``metrics``
+are seconds, ``user-transcription`` carries an ISO 8601 timestamp, ``bot-ready`` announces the
+protocol version the client itself speaks.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import frames as F
+
+PROTOCOL_VERSION = "2.1.0"
+LABEL = "rtvi-ai"
+
+
+def message(type_: str, data: dict[str, Any] | None = None, id_: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"label": LABEL, "type": type_, "id": id_ or uuid.uuid4().hex[:8]}
+    if data is not None:
+        msg["data"] = data
+    return msg
+
+
+def bot_ready(about: dict[str, Any]) -> dict[str, Any]:
+    return message("bot-ready", {"version": PROTOCOL_VERSION, "about": about})
+
+
+def error(text: str, fatal: bool = False) -> dict[str, Any]:
+    return message("error", {"error": text, "fatal": fatal})
+
+
+def server_message(data: dict[str, Any]) -> dict[str, Any]:
+    return message("server-message", data)
+
+
+def from_event(ev: F.Event, user_id: str = "user") -> list[dict[str, Any]]:
+    """The RTVI messages that tell a client about one pipeline event."""
+    match ev:
+        case F.UserStartedSpeaking():
+            return [message("user-started-speaking")]
+        case F.UserStoppedSpeaking():
+            return [message("user-stopped-speaking")]
+        case F.Transcript(text=text, final=final):
+            ts = datetime.now(timezone.utc).isoformat()
+            return [message("user-transcription", {"text": text, "user_id": user_id, "timestamp": ts, "final": final})]
+        case F.BotStartedSpeaking():
+            return [message("bot-started-speaking")]
+        case F.BotStoppedSpeaking():
+            return [message("bot-stopped-speaking")]
+        case F.BotText(text=text, spoken=True):
+            return [message("bot-tts-text", {"text": text}),
+                    message("bot-output", {"text": text, "spoken": True, "aggregated_by": "sentence"})]
+        case F.BotText(text=text, tts_failed=True):
+            return [message("bot-output", {"text": text, "spoken": False, "aggregated_by": "sentence"})]
+        case F.BotText(text=text):
+            return [message("bot-llm-text", {"text": text})]
+        case F.BotInterrupted(spoken_text=spoken):
+            return [server_message({"type": "interrupted", "spoken_text": spoken})]
+        case F.StateChanged(state=state):
+            return [server_message({"type": "state", "state": state.value})]
+        case F.TurnMetrics() as m:
+            ttfb = [{"processor": name, "value": round(v / 1000, 4)}
+                    for name, v in (("stt", m.stt_ms), ("llm", m.llm_ttft_ms), ("tts", m.tts_ttfb_ms)) if v is not None]
+            summary = {"type": "turn-metrics", "turn": m.turn, "stt_ms": m.stt_ms, "llm_ttft_ms": m.llm_ttft_ms,
+                       "tts_ttfb_ms": m.tts_ttfb_ms, "voice_to_voice_ms": m.voice_to_voice_ms,
+                       "pipeline_ms": m.pipeline_ms}
+            return [message("metrics", {"ttfb": ttfb}), server_message(summary)]
+        case F.ErrorEvent(message=text, fatal=fatal):
+            return [error(text, fatal)]
+        case F.Notice(text=text):
+            return [server_message({"type": "notice", "text": text})]
+    return []
+
+
+@dataclass(slots=True)
+class ClientMessage:
+    type: str
+    id: str | None
+    data: dict[str, Any]
+
+
+class BadMessage(ValueError):
+    pass
+
+
+def parse(raw: str | bytes, max_bytes: int) -> ClientMessage | None:
+    """An RTVI message from the data channel; None for traffic that is not for us (pings, signalling)."""
+    if len(raw) > max_bytes:
+        raise BadMessage(f"message of {len(raw)} bytes is over the {max_bytes}-byte limit")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode()
+        except UnicodeDecodeError:
+            raise BadMessage("binary messages are not supported") from None
+    if raw.startswith("ping"):
+        return None  # the Pipecat client's keep-alive: "ping: <ms>"
+    try:
+        msg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadMessage(f"message is not JSON: {e.msg}") from None
+    if not isinstance(msg, dict):
+        raise BadMessage("message must be a JSON object")
+    if msg.get("label") != LABEL:
+        return None  # e.g. {"type": "signalling", ...} track status notices
+    data = msg.get("data")
+    return ClientMessage(str(msg.get("type", "")), msg.get("id"), data if isinstance(data, dict) else {})

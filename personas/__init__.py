@@ -1,0 +1,1 @@
+"""Who the agent is: persona definitions (YAML data), prompts, and the offline conversation mode."""

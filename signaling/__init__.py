@@ -1,0 +1,1 @@
+"""The HTTP server: signaling, rooms, REST API and the web page."""

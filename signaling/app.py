@@ -1,0 +1,139 @@
+"""FastAPI application: the web page, SmallWebRTC signaling (Pipecat-compatible) and the REST API."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.resources
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from agent.config import Settings, get_settings
+from agent.engines import Engines, build_engines
+from agent.room import RoomError, RoomManager
+from personas.catalog import list_personas
+
+from .limits import BodySizeLimit
+
+log = logging.getLogger(__name__)
+STATIC = importlib.resources.files("signaling").joinpath("static")
+
+
+class IceCandidate(BaseModel):
+    candidate: str
+    sdp_mid: str | None = None
+    sdp_mline_index: int | None = None
+
+
+class OfferRequest(BaseModel):
+    sdp: str = Field(description="The SDP offer")
+    type: str = "offer"
+    pc_id: str | None = Field(None, description="The connection to renegotiate or restart")
+    restart_pc: bool = False
+    requestData: dict[str, Any] | None = Field(
+        None, description="Parley options: {room, persona, options: {role, interview_type, language, level}}")
+
+
+class OfferAnswer(BaseModel):
+    sdp: str
+    type: str
+    pc_id: str
+
+
+class CandidatesRequest(BaseModel):
+    pc_id: str
+    candidates: list[IceCandidate] = Field(max_length=200)
+
+
+def create_app(settings: Settings | None = None, engines: Engines | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engines or build_engines(settings)
+        app.state.engines = eng
+        app.state.rooms = RoomManager(settings, eng)
+        warm = asyncio.create_task(eng.warm_up(), name="stt warm-up")
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
+            await app.state.rooms.close_all()
+            if engines is None:
+                await eng.aclose()
+
+    app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan,
+                  description="Real-time voice agent for practice conversations.")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A readable sentence instead of FastAPI's 422 list: clients show ``detail`` to people.
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=400)
+
+    @app.exception_handler(RoomError)
+    async def room_error(request: Request, exc: RoomError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(str(STATIC.joinpath("index.html")))
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        eng: Engines = request.app.state.engines
+        return {"status": "ok", "rooms": len(request.app.state.rooms.rooms), "stt": eng.stt_status,
+                "llm": "offline personas" if eng.llm is None else settings.llm_model, "tts": eng.tts.name}
+
+    @app.get("/api/personas")
+    async def personas() -> dict[str, Any]:
+        return {"personas": list_personas()}
+
+    @app.post("/api/offer", response_model=OfferAnswer)
+    async def offer(body: OfferRequest, request: Request,
+                    room: str | None = Query(None), persona: str | None = Query(None),
+                    role: str | None = None, interview_type: str | None = None,
+                    language: str | None = None, level: str | None = None) -> dict[str, str]:
+        """SmallWebRTC offer: answer with the agent's SDP. Room, persona and options come from
+        ``requestData`` or the query string (the request data wins)."""
+        data = body.requestData or {}
+        if not isinstance(data.get("options", {}), dict):
+            raise HTTPException(400, "requestData.options must be an object")
+        options = {k: v for k, v in {"role": role, "interview_type": interview_type, "language": language,
+                                     "level": level}.items() if v is not None}
+        options.update(data.get("options") or {})
+        room_id = data.get("room") or data.get("room_id") or room
+        return await request.app.state.rooms.offer(
+            body.sdp, body.type, body.pc_id, body.restart_pc,
+            str(room_id) if room_id is not None else None, data.get("persona") or persona, options)
+
+    @app.patch("/api/offer")
+    async def candidates(body: CandidatesRequest, request: Request) -> dict[str, str]:
+        """Trickled ICE candidates for a connection created by POST /api/offer."""
+        await request.app.state.rooms.add_candidates(body.pc_id, [c.model_dump() for c in body.candidates])
+        return {"status": "ok"}
+
+    @app.get("/api/rooms/{room_id}")
+    async def room_info(room_id: str, request: Request) -> dict[str, Any]:
+        room = request.app.state.rooms.rooms.get(room_id)
+        if room is None:
+            raise HTTPException(404, f"unknown room {room_id!r}")
+        conv = room.conversation
+        return {"room": room.id, "persona": room.persona.persona, "options": room.persona.options,
+                "state": conv.state.value, "connected": room.peer is not None, "history": conv.history,
+                "metrics": [dataclasses.asdict(m) for m in conv.metrics]}
+
+    return app

@@ -1,0 +1,109 @@
+"""A real aiortc peer against a running Parley server over loopback."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+
+from webrtc_client import Client
+
+
+async def test_browser_like_client_gets_transcript_reply_text_and_audio(parley_server, speech):
+    parley_server.llm.script = ["Good answer. Tell me about a recent project."]
+    c = Client(parley_server.url, speech("en_birch_canoe.wav"))
+    try:
+        await c.connect()
+        await c.wait_for(lambda c: c.of("bot-ready"))
+        assert c.of("bot-ready")[0]["data"]["version"] == "2.1.0"
+        # The greeting starts; the person talks over it, is transcribed and answered.
+        await c.wait_for(lambda c: any(m["data"]["final"] for m in c.of("user-transcription")))
+        await c.wait_for(lambda c: "Good answer." in c.bot_text())
+        reply_start = len(c.audio)
+        await c.wait_for(lambda c: "Tell me about a recent project." in c.bot_text())
+        await c.wait_for(lambda c: len(c.of("bot-stopped-speaking")) >= 2)
+        final = [m["data"] for m in c.of("user-transcription") if m["data"]["final"]][0]
+        assert final["text"] and final["user_id"] and final["timestamp"]
+        spoken = [m["data"]["text"] for m in c.of("bot-output") if m["data"]["spoken"]]
+        assert "Good answer." in spoken and "Tell me about a recent project." in spoken
+        assert c.of("user-started-speaking") and c.of("user-stopped-speaking") and c.of("metrics")
+        audio = np.concatenate(c.audio[reply_start:])
+        assert np.abs(audio).max() > 1000, "the agent's reply audio is silent"
+        assert c.of("server-message") and any(m["data"].get("type") == "interrupted" for m in c.of("server-message"))
+        # The LLM saw the user's words as transcribed.
+        assert parley_server.llm.requests[-1]["messages"][-1] == {"role": "user", "content": final["text"]}
+    finally:
+        await c.close()
+
+
+async def test_typed_text_over_data_channel_gets_a_reply(parley_server, speech):
+    parley_server.llm.reply_for = lambda req: "You typed: " + req["messages"][-1]["content"]
+    c = Client(parley_server.url, np.zeros(16000, np.float32))
+    try:
+        await c.connect()
+        await c.wait_for(lambda c: c.of("bot-ready"))
+        c.send("send-text", {"content": "hello there", "options": {}})
+        await c.wait_for(lambda c: "You typed: hello there" in c.bot_text())
+    finally:
+        await c.close()
+
+
+async def test_ten_concurrent_rooms_get_their_own_replies(parley_server, speech):
+    parley_server.llm.reply_for = lambda req: f"Reply for {req['messages'][0]['content'].split('|')[0][-40:]}"
+    rooms = [f"room-{i}" for i in range(10)]
+    # Each room's persona differs by role, so the reply text names the room's own system prompt.
+    parley_server.llm.reply_for = lambda req: "Room says " + _role(req)
+    roles = ["software-engineer-backend", "data-scientist", "product-manager", "hr", "consultant",
+             "marketing-manager", "customer-service", "call-centre-agent", "project-manager", "software-engineer-frontend"]
+    clients = [Client(parley_server.url, speech("en_goforward.wav"), room=r, options={"role": role})
+               for r, role in zip(rooms, roles)]
+    try:
+        await asyncio.gather(*(c.connect() for c in clients))
+        async with asyncio.timeout(90):
+            await asyncio.gather(*(c.wait_for(lambda c: any(m["data"]["final"] for m in c.of("user-transcription")), 90)
+                                   for c in clients))
+            await asyncio.gather(*(c.wait_for(lambda c: "Room says" in c.bot_text(), 90) for c in clients))
+        for c, role in zip(clients, roles):
+            texts = [m["data"]["text"] for m in c.of("bot-output") if "Room says" in m["data"]["text"]]
+            assert texts and all(role in t for t in texts), (role, texts)
+        assert len(parley_server.app_state.rooms.rooms) == 10
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+def _role(req) -> str:
+    system = req["messages"][0]["content"]
+    from personas.catalog import interviewer
+
+    for r in interviewer()["roles"]:
+        if f"for a {r['label']} position" in system:
+            return r["id"]
+    return "unknown"
+
+
+async def test_bad_signaling_input_is_a_clear_4xx_and_the_server_keeps_serving(parley_server, speech):
+    async with httpx.AsyncClient(base_url=parley_server.url, timeout=10) as http:
+        cases = [
+            ("post", dict(content=b"not json", headers={"content-type": "application/json"})),
+            ("post", dict(json={"type": "offer"})),  # missing sdp
+            ("post", dict(json={"sdp": "v=0\r\nthis is not sdp", "type": "offer"})),
+            ("post", dict(json={"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=garbage", "type": "offer"})),
+            ("post", dict(json={"sdp": "x", "type": "answer"})),
+            ("post", dict(json={"sdp": "x", "requestData": {"room": "../../etc"}})),
+            ("post", dict(json={"sdp": "x", "requestData": {"persona": "pirate"}})),
+            ("patch", dict(json={"pc_id": "unknown", "candidates": [{"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"}]})),
+            ("patch", dict(content=b"{", headers={"content-type": "application/json"})),
+            ("post", dict(content=b"{" + b" " * 200_000 + b"}", headers={"content-type": "application/json"})),
+        ]
+        for method, kw in cases:
+            r = await getattr(http, method)("/api/offer", **kw)
+            assert 400 <= r.status_code < 500, (kw, r.status_code, r.text)
+            assert r.json()["detail"], r.text
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+    # And a real client still gets through.
+    c = Client(parley_server.url, np.zeros(16000, np.float32))
+    try:
+        await c.connect()
+        await c.wait_for(lambda c: c.of("bot-ready"))
+    finally:
+        await c.close()
