@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_rooms: int = 50
     room_grace_s: float = 30.0  # a room whose peer dropped waits this long for a reconnect
     max_session_s: float = 3600.0
+    connect_timeout_s: float = 30.0  # offer answered but ICE never completed
     max_message_bytes: int = 16 * 1024  # data-channel messages
     max_body_bytes: int = 64 * 1024  # signaling requests
 

@@ -85,6 +85,7 @@ class Peer:
         self._reader: asyncio.Task | None = None
         self._closed = False
         self.channel_open = asyncio.Event()
+        self.connected = asyncio.Event()
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
@@ -152,6 +153,8 @@ class Peer:
     async def _on_state(self) -> None:
         state = self.pc.connectionState
         log.info("peer %s: %s", self.pc_id, state)
+        if state == "connected":
+            self.connected.set()
         if state in ("failed", "closed"):
             await self.close()
 

@@ -47,6 +47,7 @@ class Room:
         self._client_ready = False
         self._greeted = False
         self._grace: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.conversation = Conversation(
             stt=engines.stt, llm=engines.llm_for(persona), tts=engines.tts, config=persona.config,
@@ -57,6 +58,8 @@ class Room:
             emit=self._on_event, name=room_id,
         )
         self._log = logging.LoggerAdapter(log, {"room": room_id})
+        self.closed = asyncio.Event()
+        self._spawn(self._lifetime(), "lifetime")
 
     # -- peers
 
@@ -72,6 +75,27 @@ class Room:
             self._grace = None
         if old is not None and old is not peer:
             await old.close()
+        self._spawn(self._expect_connected(peer), "connect")
+
+    async def _expect_connected(self, peer: Peer) -> None:
+        """A client that never completes ICE must not hold a room forever."""
+        try:
+            await asyncio.wait_for(peer.connected.wait(), self.settings.connect_timeout_s)
+        except TimeoutError:
+            self._log.warning("peer %s did not connect within %.0fs", peer.pc_id, self.settings.connect_timeout_s)
+            await peer.close()
+
+    async def _lifetime(self) -> None:
+        await asyncio.sleep(self.settings.max_session_s)  # the session's hard limit, not a wait for an event
+        self._log.info("session reached its %.0fs limit", self.settings.max_session_s)
+        self.send(rtvi.error("the session reached its time limit", fatal=True))
+        await self._on_empty(self)
+
+    def _spawn(self, coro, what: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _on_peer_closed(self, peer: Peer) -> None:
         if peer is self.peer and not self._closed:
@@ -109,7 +133,7 @@ class Room:
                 peer.send(json.dumps(rtvi.server_message({"type": "state", "state": self.conversation.state.value})))
                 if not self._greeted:
                     self._greeted = True
-                    asyncio.get_running_loop().create_task(self.conversation.start())
+                    self.conversation.start()
             case "send-text":
                 content = msg.data.get("content")
                 if isinstance(content, str) and content.strip():
@@ -117,7 +141,7 @@ class Room:
                 else:
                     peer.send(json.dumps(rtvi.message("error-response", {"error": "send-text needs a non-empty 'content'"}, msg.id)))
             case "disconnect-bot":
-                asyncio.get_running_loop().create_task(peer.close())
+                self._spawn(peer.close(), "disconnect")
             case "client-message":
                 peer.send(json.dumps(rtvi.message("error-response", {"error": f"unknown client message {msg.data.get('t')!r}"}, msg.id)))
             case _:
@@ -127,13 +151,16 @@ class Room:
         if self._closed:
             return
         self._closed = True
-        if self._grace is not None and self._grace is not asyncio.current_task():
-            self._grace.cancel()
-            await asyncio.gather(self._grace, return_exceptions=True)
+        me = asyncio.current_task()
+        pending = [t for t in (*self._tasks, self._grace) if t is not None and t is not me]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self.peer is not None:
             peer, self.peer = self.peer, None
             await peer.close()
         await self.conversation.aclose()
+        self.closed.set()
         self._log.info("room closed after %d turns", sum(1 for m in self.conversation.history if m["role"] == "user"))
 
 

@@ -117,7 +117,7 @@ class Conversation:
         """The next 20 ms of reply audio (int16 mono 48 kHz); the transport calls this on its clock."""
         return self.player.read_frame()
 
-    async def start(self) -> None:
+    def start(self) -> None:
         """Speak the persona's greeting, if any."""
         if self.config.greeting and not self.history:
             self._turn += 1
@@ -188,6 +188,11 @@ class Conversation:
             if result is not None and result.text and self.segmenter.speaking:
                 self._emit(Transcript(result.text, final=False, language=result.language))
             return result
+        except Exception as e:
+            # Interim text is best effort. A broken engine is reported once, by the final decode,
+            # not as an "internal error" every partial_interval_s while the person talks.
+            self._log.debug("partial transcript failed: %s", e)
+            return None
         finally:
             if self._partial is not None and self._partial[0] is asyncio.current_task():
                 self._partial = None

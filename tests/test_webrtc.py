@@ -107,3 +107,34 @@ async def test_bad_signaling_input_is_a_clear_4xx_and_the_server_keeps_serving(p
         await c.wait_for(lambda c: c.of("bot-ready"))
     finally:
         await c.close()
+
+
+async def test_room_closes_cleanly_when_the_peer_leaves_and_restart_keeps_the_conversation(parley_server, speech):
+    parley_server.llm.reply_for = lambda req: "You typed: " + req["messages"][-1]["content"]
+    manager = parley_server.app_state.rooms
+    c = Client(parley_server.url, np.zeros(16000, np.float32), room="lifecycle")
+    await c.connect()
+    await c.wait_for(lambda c: c.of("bot-ready"))
+    c.send("send-text", {"content": "first"})
+    await c.wait_for(lambda c: "You typed: first" in c.bot_text())
+    room = manager.rooms["lifecycle"]
+    await c.close()
+    # A restart (new connection, same pc_id, as the Pipecat client does after ICE failure) within the
+    # grace period continues the conversation, even without naming the room.
+    c2 = Client(parley_server.url, np.zeros(16000, np.float32), room=None)
+    try:
+        await c2.connect(pc_id=c.pc_id, restart=True)
+        assert c2.pc_id == c.pc_id
+        await c2.wait_for(lambda c: c.of("bot-ready"))
+        assert manager.rooms["lifecycle"] is room
+        c2.send("send-text", {"content": "second"})
+        await c2.wait_for(lambda c: "You typed: second" in c.bot_text())
+        users = [m["content"] for m in room.conversation.history if m["role"] == "user"]
+        assert users == ["first", "second"]
+    finally:
+        await c2.close()
+    # With no peer left, the room closes after its grace period and every task it started ends.
+    await asyncio.wait_for(room.closed.wait(), 15)
+    assert "lifecycle" not in manager.rooms
+    assert not room.conversation._tasks and not room._tasks
+    assert not [p for p, (_, r) in manager.peers.items() if r is room]

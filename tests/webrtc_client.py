@@ -67,7 +67,7 @@ class Client:
         self._reader: asyncio.Task | None = None
         self.channel = None
 
-    async def connect(self) -> None:
+    async def connect(self, pc_id: str | None = None, restart: bool = False) -> None:
         self.pc.addTrack(self.mic)
         self.channel = self.pc.createDataChannel("chat", ordered=True)
         self.channel.on("open", lambda: self.send("client-ready", {"version": "2.1.0", "about": {"library": "test"}}))
@@ -76,7 +76,7 @@ class Client:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with httpx.AsyncClient(timeout=20) as http:
             r = await http.post(f"{self.base_url}/api/offer", json={
-                "sdp": self.pc.localDescription.sdp, "type": "offer", "pc_id": None, "restart_pc": False,
+                "sdp": self.pc.localDescription.sdp, "type": "offer", "pc_id": pc_id, "restart_pc": restart,
                 "requestData": {"room": self.room, "persona": self.persona, "options": self.options}})
         r.raise_for_status()
         answer = r.json()
