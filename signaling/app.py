@@ -18,6 +18,7 @@ from agent.config import Settings, get_settings
 from agent.engines import Engines, build_engines
 from agent.room import RoomError, RoomManager
 from personas.catalog import list_personas
+from pipeline.metrics import summarize
 
 from .limits import BodySizeLimit
 
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         conv = room.conversation
         return {"room": room.id, "persona": room.persona.persona, "options": room.persona.options,
                 "state": conv.state.value, "connected": room.peer is not None, "history": conv.history,
-                "metrics": [dataclasses.asdict(m) for m in conv.metrics]}
+                "metrics": [dataclasses.asdict(m) for m in conv.metrics],
+                "metrics_summary": summarize(conv.metrics)}
 
     return app

@@ -138,3 +138,38 @@ async def test_room_closes_cleanly_when_the_peer_leaves_and_restart_keeps_the_co
     assert "lifecycle" not in manager.rooms
     assert not room.conversation._tasks and not room._tasks
     assert not [p for p, (_, r) in manager.peers.items() if r is room]
+
+
+async def test_rest_api_personas_page_docs_and_room_state(parley_server):
+    parley_server.llm.reply_for = lambda req: "Noted."
+    async with httpx.AsyncClient(base_url=parley_server.url, timeout=10) as http:
+        personas = (await http.get("/api/personas")).json()["personas"]
+        assert {p["id"] for p in personas} == {"interviewer", "teacher"}
+        teacher = next(p for p in personas if p["id"] == "teacher")
+        langs = {c["id"] for o in teacher["options"] if o["name"] == "language" for c in o["choices"]}
+        assert {"en", "de", "fr", "es", "it", "pt"} <= langs
+        page = await http.get("/")
+        assert page.status_code == 200 and "Parley" in page.text
+        assert (await http.get("/docs")).status_code == 200
+        assert "/api/offer" in (await http.get("/openapi.json")).json()["paths"]
+        assert (await http.get("/api/rooms/nope")).status_code == 404
+        c = Client(parley_server.url, np.zeros(16000, np.float32), room="api-room",
+                   persona="teacher", options={"language": "de", "level": "A2"})
+        try:
+            await c.connect()
+            await c.wait_for(lambda c: c.of("bot-ready"))
+            c.send("send-text", {"content": "Ich habe Hunger"})
+            await c.wait_for(lambda c: "Noted." in c.bot_text())
+            # Typing during the greeting cuts it off; wait for the reply itself to finish playing.
+            noted = next(i for i, m in enumerate(c.messages) if m["type"] == "bot-output" and "Noted." in m["data"]["text"])
+            await c.wait_for(lambda c: any(m["type"] == "bot-stopped-speaking" for m in c.messages[noted:]))
+            state = (await http.get("/api/rooms/api-room")).json()
+            assert state["persona"] == "teacher" and state["options"] == {"language": "de", "level": "A2"}
+            assert {"role": "user", "content": "Ich habe Hunger"} in state["history"]
+            assert state["history"][-1] == {"role": "assistant", "content": "Noted."}
+            assert state["metrics_summary"]["llm_ttft_ms"]["count"] >= 1
+            # The teacher speaks German: Whisper and the voice follow the persona's language.
+            room = parley_server.app_state.rooms.rooms["api-room"]
+            assert room.conversation.config.language == "de"
+        finally:
+            await c.close()
