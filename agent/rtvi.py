@@ -57,7 +57,8 @@ def from_event(ev: F.Event, user_id: str = "user") -> list[dict[str, Any]]:
         case F.BotText(text=text, tts_failed=True):
             return [message("bot-output", {"text": text, "spoken": False, "aggregated_by": "sentence"})]
         case F.BotText(text=text):
-            return [message("bot-llm-text", {"text": text})]
+            # Clients concatenate bot-llm-text like streamed tokens: keep the space between clauses.
+            return [message("bot-llm-text", {"text": text + " "})]
         case F.BotInterrupted(spoken_text=spoken):
             return [server_message({"type": "interrupted", "spoken_text": spoken})]
         case F.StateChanged(state=state):

@@ -360,7 +360,7 @@ function showMetrics(bubble, m) {
   const span = document.createElement("span");
   span.className = "metrics";
   if (m.turn !== undefined) span.dataset.turn = String(m.turn);
-  span.textContent = `⏱ ${headline ?? parts.map(([, v]) => v).join(" / ")}`;
+  span.textContent = `${headline ? "voice-to-voice " + headline : parts.map(([, v]) => v).join(" / ")}`;
   span.title = [
     headline && `Voice to voice: ${headline}`,
     ...parts.map(([k, v]) => `${k[0].toUpperCase()}${k.slice(1)}: ${v}`),
