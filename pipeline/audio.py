@@ -13,9 +13,15 @@ from .frames import PIPELINE_RATE, AudioFrame
 
 def to_mono(pcm: np.ndarray, channels: int) -> np.ndarray:
     """Average interleaved channels into one, as float32 in [-1, 1]."""
-    x = pcm.astype(np.float32) / 32768.0
-    if channels > 1:
-        x = x.reshape(-1, channels).mean(axis=1)
+    if channels == 1:
+        return pcm.astype(np.float32) * (1 / 32768.0)
+    # Summing the columns directly is ~3x cheaper than mean() on a (n, 2) view: this runs 50 times
+    # a second per room.
+    frames = pcm.reshape(-1, channels)
+    x = frames[:, 0].astype(np.float32)
+    for c in range(1, channels):
+        x += frames[:, c]
+    x *= 1 / (32768.0 * channels)
     return x
 
 

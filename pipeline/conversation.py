@@ -47,6 +47,7 @@ class _Reply:
     t_decided: float = 0.0  # end of turn decided (VAD endpoint, or text received)
     t_speech_end: float | None = None  # last voiced audio (None for typed turns)
     stt_ms: float | None = None
+    stt_engine_ms: float | None = None  # the part of stt_ms spent waiting on the engine itself
     t_llm_request: float = 0.0
     t_first_token: float | None = None
     t_first_sentence: float | None = None
@@ -206,6 +207,7 @@ class Conversation:
         if self.stt is None:
             return
         result = None
+        t_stt = time.monotonic()
         try:
             async with asyncio.timeout(self.options.stt_timeout_s):
                 if reuse is not None:
@@ -217,7 +219,14 @@ class Conversation:
             self._log.exception("speech recognition failed")
             self._emit(ErrorEvent("stt", f"speech recognition failed: {e}"))
         reply.stt_ms = (time.monotonic() - reply.t_decided) * 1000
+        reply.stt_engine_ms = (time.monotonic() - t_stt) * 1000
         text = result.text.strip() if result else ""
+        if text and reply.turn != self._turn:
+            # A newer utterance was already decided while this one was transcribed: keep the words,
+            # and let the newer turn's reply answer both instead of starting one only to cut it off.
+            self.history.append({"role": "user", "content": text})
+            self._emit(Transcript(text, final=True, language=result.language))
+            return
         if not text:
             if self._reply is None and not self.segmenter.speaking:
                 self._set_state(AgentState.LISTENING)
@@ -235,6 +244,11 @@ class Conversation:
         reply.id = self._reply_seq
         reply.played = asyncio.get_running_loop().create_future()
         self._reply = reply
+        if self.segmenter.speaking:
+            # The person started talking again while this turn was transcribed: the reply waits, as
+            # if they had barged in at its first word (resumed after a backchannel, else cancelled).
+            self._barge_pending = True
+            self.player.pause()
         if self.state is not AgentState.USER_SPEAKING:
             self._set_state(AgentState.THINKING)
         reply.task = self._spawn(self._run_reply(reply, fixed), f"reply {reply.id}")
@@ -245,11 +259,11 @@ class Conversation:
 
         async def generate() -> None:
             try:
-                if fixed is not None:
-                    reply.t_llm_request = reply.t_first_token = reply.t_first_sentence = time.monotonic()
-                    reply.text.append(fixed)
-                    self._emit(BotText(fixed, spoken=False))
-                    await sentences.put(fixed)
+                if fixed is not None:  # a scripted line (the greeting): no LLM, same sentence flow
+                    reply.t_llm_request = time.monotonic()
+                    agg = SentenceAggregator()
+                    for s in [*agg.push(fixed + " "), *agg.flush()]:
+                        await self._queue_sentence(reply, s, sentences)
                     return
                 messages = [{"role": "system", "content": self.config.system_prompt}, *llm_messages(self.history)]
                 agg = SentenceAggregator()
@@ -310,14 +324,14 @@ class Conversation:
             if len(seg.pcm) and not pushed:
                 # Queued at its first audio so playback starts while the rest is synthesized.
                 pushed = True
-                if reply.tts_ttfb_ms is None:
-                    reply.tts_ttfb_ms = (time.monotonic() - t0) * 1000
                 self.player.push(seg)
 
         try:
             async with asyncio.timeout(self.options.tts_timeout_s):
                 rate = 24000
                 async for chunk in self.tts.synthesize(sentence, self.config.language or "en", self.config.voice):
+                    if reply.tts_ttfb_ms is None and len(chunk.pcm):
+                        reply.tts_ttfb_ms = (time.monotonic() - t0) * 1000  # the engine's time, not our resampling
                     rate = chunk.sample_rate
                     add(float_to_int16(resampler.process(chunk.pcm, rate)), chunk.words)
                 add(float_to_int16(resampler.process(np.zeros(0, np.float32), rate, last=True)), ())
@@ -347,8 +361,9 @@ class Conversation:
         m.tts_ttfb_ms = reply.tts_ttfb_ms
         if reply.t_speech_end is not None:
             m.voice_to_voice_ms = (now - reply.t_speech_end) * 1000
-        engines = (reply.stt_ms or 0) + ((reply.t_first_sentence or reply.t_llm_request) - reply.t_llm_request) * 1000 \
-            + (m.tts_ttfb_ms or 0)
+        # Engine time only: stt_ms also counts the hop that started this turn's task (ours).
+        llm_ms = ((reply.t_first_sentence or reply.t_llm_request) - reply.t_llm_request) * 1000
+        engines = (reply.stt_engine_ms or 0) + llm_ms + (m.tts_ttfb_ms or 0)
         m.pipeline_ms = max((now - reply.t_decided) * 1000 - engines, 0.0)
         self.metrics.append(m)
         self._emit(m)

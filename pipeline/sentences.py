@@ -9,7 +9,7 @@ import re
 
 _SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s")
-_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "e.g.", "i.e.", "etc.", "vs.", "st.", "sr.", "jr.", "no.", "approx."}
+_ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "e.g.", "i.e.", "etc.", "vs.", "st.", "sr.", "jr.", "approx."}
 
 
 class SentenceAggregator:
@@ -34,16 +34,34 @@ class SentenceAggregator:
         return [piece] if piece else []
 
     def _find_cut(self) -> int | None:
-        for m in _SENTENCE_END.finditer(self._buf):
-            last_word = self._buf[: m.start() + 1].split()[-1].lower() if self._buf[: m.start() + 1].split() else ""
-            if last_word in _ABBREVIATIONS or (len(last_word) == 2 and last_word[0].isalpha() and last_word[1] == "."):
-                continue  # "Dr. Smith", "J. Doe": not a sentence end
-            return m.end()
+        end = self._sentence_end()
         if self._emitted == 0:
+            # Whichever comes first: a long-enough first clause must not wait for a sentence end
+            # that happened to arrive in the same token.
             for m in _CLAUSE_END.finditer(self._buf):
                 if m.start() >= self.first_clause_min_chars:
-                    return m.end()
+                    if end is None or end < 0 or m.end() < end:  # -1: the buffer ends at an undecided "no."
+                        return m.end()
+                    break
+        if end is not None:
+            return end if end >= 0 else None
         if len(self._buf) > self.max_chars:
             space = self._buf.rfind(" ", 0, self.max_chars)
             return space if space > 0 else self.max_chars
+        return None
+
+    def _sentence_end(self) -> int | None:
+        """Where the first sentence in the buffer ends; -1 while the next token must decide."""
+        for m in _SENTENCE_END.finditer(self._buf):
+            last_word = self._buf[: m.start() + 1].split()[-1].lower() if self._buf[: m.start() + 1].split() else ""
+            if last_word in _ABBREVIATIONS or (len(last_word) == 2 and last_word[0].isalpha() and last_word[1] == "."
+                                               and last_word != "i."):
+                continue  # "Dr. Smith", "J. Doe": not a sentence end (but "... so do I. Then")
+            if last_word == "no.":  # "No. 5" is a number; "I said no. Then" ends a sentence
+                following = self._buf[m.end() : m.end() + 1]
+                if not following:
+                    return -1
+                if following.isdigit():
+                    continue
+            return m.end()
         return None

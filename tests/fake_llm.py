@@ -53,6 +53,13 @@ class FakeLLM:
         if self._runner:
             await self._runner.cleanup()
 
+    async def _pause(self, seconds: float) -> None:
+        """Simulated model latency (not a wait for an event); cut short when the server stops."""
+        try:
+            await asyncio.wait_for(self._release.wait(), seconds)
+        except TimeoutError:
+            pass
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
@@ -70,13 +77,13 @@ class FakeLLM:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if b.first_token_delay_s:
-            await asyncio.sleep(b.first_token_delay_s)  # simulated model latency, not a wait for an event
+            await self._pause(b.first_token_delay_s)
         words = text.split(" ")
         for i in range(0, len(words), b.chunk_words):
             piece = " ".join(words[i : i + b.chunk_words]) + (" " if i + b.chunk_words < len(words) else "")
             await resp.write(_sse(body, {"content": piece}))
             if b.token_delay_s:
-                await asyncio.sleep(b.token_delay_s)
+                await self._pause(b.token_delay_s)
         await resp.write(_sse(body, {}, finish="stop"))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

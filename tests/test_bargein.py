@@ -138,3 +138,31 @@ async def test_a_short_backchannel_pauses_the_agent_then_it_resumes(tiny_whisper
         assert not [t for t in event_log.of(F.Transcript) if t.final and not t.typed]
     finally:
         await conv.aclose()
+
+
+async def test_a_reply_ready_while_the_person_talks_again_does_not_talk_over_them(
+        tiny_whisper_path, fake_llm, event_log, speech):
+    fake_llm.script = ["Here is my answer to the first part.", "And here is my answer to all of it."]
+    conv = conversation(whisper(tiny_whisper_path), llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say(speech("en_goforward.wav"), trailing_silence_s=0.6)  # turn 1 decided...
+        more = speech("en_birch_canoe.wav")
+        first_half = int(1.2 * 16000)
+        await d.say(more[:first_half])  # ...but the person goes on before its reply is ready
+        assert conv.segmenter.speaking
+        await event_log.wait_for(lambda ev: conv.player.has_audio or of(ev, F.BotInterrupted))
+        resumed_at = d.frame
+        await d.say(more[first_half:], trailing_silence_s=0.8)
+        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+
+        assert not any(d.out[f].any() for f in range(resumed_at, resumed_at + len(more[first_half:]) // 320))
+        spoken = [e.text for e in event_log.of(F.BotText) if e.spoken]
+        assert spoken == ["And here is my answer to all of it."]  # the first reply was never heard
+        finals = [t.text for t in event_log.of(F.Transcript) if t.final]
+        assert fake_llm.requests[1]["messages"][1:] == [{"role": "user", "content": finals[0]},
+                                                        {"role": "user", "content": finals[1]}]
+        assert conv.history[-1] == {"role": "assistant", "content": "And here is my answer to all of it."}
+    finally:
+        await conv.aclose()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from faster_whisper import WhisperModel
 
-from driver import Driver, to_frames
+from driver import Driver
 from pipeline import frames as F
 from pipeline.conversation import Conversation
 from pipeline.stt import STTResult, WhisperOptions, WhisperSTT, _Scheduler, shared_whisper
@@ -92,14 +92,7 @@ async def test_partials_while_speaking_then_one_final(tiny_whisper_path, fake_ll
     d = Driver(conv, event_log)
     try:
         await d.say(np.zeros(8000, np.float32))
-        audio = speech("en_LDC93S1_timit.wav")  # 2.9 s, one utterance
-        for frame in to_frames(np.concatenate([audio, np.zeros(int(0.8 * 16000), np.float32)])):
-            await d.step(frame)
-            if conv._partial is not None:
-                # On a real-time clock this decode (~0.1 s) ends long before the next interval
-                # (0.5 s); the compressed clock waits for it instead, so the test sees what a
-                # person would.
-                await asyncio.wait_for(asyncio.shield(conv._partial[0]), 10)
+        await d.say_with_partials(speech("en_LDC93S1_timit.wav"), trailing_silence_s=0.8)  # 2.9 s, one utterance
         await d.run_until(lambda ev: any(isinstance(e, F.BotStoppedSpeaking) for e in ev))
         transcripts = event_log.of(F.Transcript)
         partials = [t for t in transcripts if not t.final]
@@ -188,9 +181,16 @@ async def test_stale_partial_is_dropped_by_a_busy_engine(tiny_whisper_path, spee
 
 
 async def test_cancelled_decode_keeps_the_slot_until_the_thread_is_done(tiny_whisper_path, speech):
-    stt = whisper(tiny_whisper_path)
-    audio = speech("en_birch_canoe.wav")
-    await stt.transcribe(audio, final=True, language="en")  # loaded: the next decode is ~0.1 s
+    # Long decodes (~0.2 s: 200 tokens of garbage), so the abandoned one is surely still running.
+    stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=200))
+    try:
+        await _abandon_a_decode_then_race(stt, speech("en_birch_canoe.wav"))
+    finally:
+        stt.close()
+
+
+async def _abandon_a_decode_then_race(stt: WhisperSTT, audio: np.ndarray) -> None:
+    await stt.warm_up()
     abandoned = asyncio.create_task(stt.transcribe(audio, final=False, language="en"))
     await asyncio.sleep(0)  # one iteration: it holds the slot and its decode is running
     abandoned.cancel()
