@@ -151,9 +151,14 @@ class Conversation:
         now = self.segmenter.now
         # Measured on voiced audio only: the segment start includes the pre-roll, and the elapsed
         # time includes the endpoint silence, either of which made every "mm-hm" an interruption.
-        if self._barge_pending and self.segmenter.voiced_s >= o.min_interruption_s:
-            self._barge_pending = False
-            self._interrupt()
+        if self._barge_pending:
+            if self.segmenter.voiced_s >= o.min_interruption_s:
+                self._barge_pending = False
+                self._interrupt()
+            elif self.segmenter.silence_s >= o.backchannel_resume_s:
+                self.player.resume()  # only an "mm-hm": carry on without waiting for the endpoint
+            else:
+                self.player.pause()  # (again) talking over the agent
         if (self.stt is not None and o.partial_interval_s > 0 and self._partial is None
                 and now - self._last_partial_t >= o.partial_interval_s):
             self._last_partial_t = now

@@ -13,6 +13,9 @@ class TurnOptions:
     # Speech over the agent shorter than this is a backchannel ("mm-hm"), a cough or a click:
     # playback pauses at its onset and resumes when it ends. Longer speech interrupts the reply.
     min_interruption_s: float = 0.35
+    # After such a short sound, the paused reply resumes once the person has been quiet this long,
+    # well before the VAD's endpoint silence closes the segment.
+    backchannel_resume_s: float = 0.2
     # Re-decode the growing utterance this often (audio clock) for interim transcripts; 0 disables.
     partial_interval_s: float = 0.6
     # A partial that already covers the end of speech plus this margin is reused as the final.

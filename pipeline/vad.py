@@ -132,6 +132,11 @@ class Segmenter:
         included, the trailing silence not): how long the person has actually been talking."""
         return self._last_voiced_end - self._onset_t if self._speaking else 0.0
 
+    @property
+    def silence_s(self) -> float:
+        """While speaking: how long since the last voiced window ended."""
+        return self.now - self._last_voiced_end if self._speaking else 0.0
+
     def segment_audio(self) -> np.ndarray:
         return np.concatenate(self._segment) if self._segment else np.zeros(0, np.float32)
 
