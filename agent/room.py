@@ -41,6 +41,7 @@ class Room:
         self.id = room_id
         self.persona = persona
         self.settings = settings
+        self.engines = engines
         self.created = time.time()
         self.peer: Peer | None = None
         self._on_empty = on_empty
@@ -131,6 +132,10 @@ class Room:
                 peer.send(json.dumps(rtvi.bot_ready({"library": "parley", "room": self.id,
                                                      "persona": self.persona.persona, **self.persona.options})))
                 peer.send(json.dumps(rtvi.server_message({"type": "state", "state": self.conversation.state.value})))
+                if self.engines.stt_status.startswith("error"):
+                    peer.send(json.dumps(rtvi.server_message({
+                        "type": "notice", "text": "Speech recognition is unavailable on this server "
+                        f"({self.engines.stt_status.removeprefix('error: ').splitlines()[0]}); you can still type."})))
                 if not self._greeted:
                     self._greeted = True
                     self.conversation.start()

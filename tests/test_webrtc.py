@@ -173,3 +173,21 @@ async def test_rest_api_personas_page_docs_and_room_state(parley_server):
             assert room.conversation.config.language == "de"
         finally:
             await c.close()
+
+
+async def test_unavailable_speech_model_is_announced_and_typing_still_works(parley_server):
+    parley_server.llm.reply_for = lambda req: "Typed reply."
+    engines = parley_server.app_state.engines
+    saved, engines.stt_status = engines.stt_status, "error: cannot load Whisper model 'base' on cpu: offline"
+    c = Client(parley_server.url, np.zeros(16000, np.float32))
+    try:
+        await c.connect()
+        await c.wait_for(lambda c: c.of("bot-ready"))
+        await c.wait_for(lambda c: any(m["data"].get("type") == "notice" for m in c.of("server-message")))
+        notice = next(m["data"]["text"] for m in c.of("server-message") if m["data"].get("type") == "notice")
+        assert "Speech recognition is unavailable" in notice and "cannot load Whisper model 'base'" in notice
+        c.send("send-text", {"content": "hello"})
+        await c.wait_for(lambda c: "Typed reply." in c.bot_text())
+    finally:
+        engines.stt_status = saved
+        await c.close()
