@@ -118,6 +118,15 @@ class Conversation:
         """The next 20 ms of reply audio (int16 mono 48 kHz); the transport calls this on its clock."""
         return self.player.read_frame()
 
+    def respond(self) -> bool:
+        """Let the agent speak without a new user message (a hint after a long silence, say).
+        Refused while the agent is replying or the person is talking."""
+        if self._closed or self._reply is not None or self.segmenter.speaking:
+            return False
+        self._turn += 1
+        self._start_reply(None, _Reply(0, self._turn, t_decided=time.monotonic()))
+        return True
+
     def start(self) -> None:
         """Speak the persona's greeting, if any."""
         if self.config.greeting and not self.history:
@@ -185,7 +194,7 @@ class Conversation:
         else:
             self._cancel_partial()
         self._set_state(AgentState.THINKING)
-        self._spawn(self._user_turn(ev.audio, reply, reuse), f"turn {self._turn}")
+        self._spawn(self._user_turn(ev, reply, reuse), f"turn {self._turn}")
 
     async def _partial_transcript(self, audio: np.ndarray):
         try:
@@ -208,7 +217,8 @@ class Conversation:
             self._partial[0].cancel()
             self._partial = None
 
-    async def _user_turn(self, audio: np.ndarray, reply: _Reply, reuse: asyncio.Task | None) -> None:
+    async def _user_turn(self, ev: SpeechEnd, reply: _Reply, reuse: asyncio.Task | None) -> None:
+        audio = ev.audio
         if self.stt is None:
             return
         result = None
@@ -230,14 +240,14 @@ class Conversation:
             # A newer utterance was already decided while this one was transcribed: keep the words,
             # and let the newer turn's reply answer both instead of starting one only to cut it off.
             self.history.append({"role": "user", "content": text})
-            self._emit(Transcript(text, final=True, language=result.language))
+            self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses))
             return
         if not text:
             if self._reply is None and not self.segmenter.speaking:
                 self._set_state(AgentState.LISTENING)
             return
         self._interrupt()  # a reply still thinking is superseded by this newer turn
-        self._emit(Transcript(text, final=True, language=result.language))
+        self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses))
         self._start_reply(text, reply)
 
     # ------------------------------------------------------------------ replies

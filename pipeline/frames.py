@@ -71,6 +71,8 @@ class Transcript(Event):
     final: bool
     language: str | None = None
     typed: bool = False
+    speech_s: float | None = None  # finals: how long the person spoke (first to last voiced window)
+    pauses: list[float] = field(default_factory=list)  # finals: silences inside the utterance (s)
 
 
 @dataclass(slots=True)

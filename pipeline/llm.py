@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -18,6 +19,12 @@ class LLMError(RuntimeError):
 class LLM(Protocol):
     def stream(self, messages: list[dict]) -> AsyncIterator[str]:
         """Yield the reply's text deltas. Raises LLMError."""
+
+
+class StructuredLLM(Protocol):
+    async def complete_json(self, messages: list[dict], schema: dict, name: str) -> str:
+        """One non-streamed completion constrained to a JSON schema; the raw text (the caller
+        validates it). Raises LLMError."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,33 @@ class OpenAILLM:
                     break  # our request is wrong: retrying cannot help
                 log.warning("llm attempt %d failed: %s", attempt + 1, _describe(e))
         raise LLMError(f"the language model is unavailable ({_describe(last_error)})")
+
+    async def complete_json(self, messages: list[dict], schema: dict, name: str, timeout_s: float = 30.0) -> str:
+        """Structured output. Servers without JSON-schema support (older vLLM, some proxies) reject
+        ``json_schema`` with a 400: those get plain JSON mode, with the schema in the prompt."""
+        import openai
+
+        formats = [
+            {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
+            {"type": "json_object"},
+        ]
+        last: Exception | None = None
+        for i, response_format in enumerate(formats):
+            msgs = messages if i == 0 else [
+                *messages, {"role": "system", "content": f"Answer with JSON matching this schema: {json.dumps(schema)}"}]
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await self._client.chat.completions.create(
+                        model=self.options.model, messages=msgs, temperature=0.2, response_format=response_format)
+                return response.choices[0].message.content or ""
+            except openai.APIStatusError as e:
+                last = e
+                if e.status_code not in (400, 422):
+                    break
+            except (TimeoutError, openai.APIError, OSError) as e:
+                last = e
+                break
+        raise LLMError(f"structured completion failed ({_describe(last)})")
 
     async def aclose(self) -> None:
         await self._client.close()

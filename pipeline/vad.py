@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,6 +93,15 @@ class SpeechEnd:
     t: float  # stream time (s) of the last voiced window's end
     audio: np.ndarray  # the whole segment, pre-roll included, 16 kHz float32
     start: float
+    onset: float = 0.0  # first voiced window: ``t - onset`` is how long the person spoke
+    pauses: list[float] = field(default_factory=list)  # silences inside the utterance, >= MIN_PAUSE_S
+
+    @property
+    def speech_s(self) -> float:
+        return max(self.t - self.onset, 0.0)
+
+
+MIN_PAUSE_S = 0.25  # shorter gaps are just the rhythm of speech
 
 
 class Segmenter:
@@ -115,6 +124,7 @@ class Segmenter:
         self._silent_run = 0
         self._start_t = 0.0
         self._onset_t = 0.0
+        self._pauses: list[float] = []
         self._last_voiced_end = 0.0
         self.last_probability = 0.0
 
@@ -177,11 +187,14 @@ class Segmenter:
                 self._pre_roll.clear()
                 self._start_t = t0 + WINDOW_S - len(self._segment) * WINDOW_S
                 self._onset_t = t0 + WINDOW_S - self._voiced_run * WINDOW_S
+                self._pauses = []
                 self._last_voiced_end = t0 + WINDOW_S
                 return SpeechStart(self._start_t, self._onset_t)
             return None
         self._segment.append(window)
         if p >= o.off_threshold:
+            if self._silent_run * WINDOW_S >= MIN_PAUSE_S:
+                self._pauses.append(round(self._silent_run * WINDOW_S, 3))
             self._silent_run = 0
             self._last_voiced_end = t0 + WINDOW_S
         else:
@@ -195,5 +208,6 @@ class Segmenter:
             self._speaking = False
             self._voiced_run = self._silent_run = 0
             self._segment = []
-            return SpeechEnd(self._last_voiced_end, audio, self._start_t)
+            pauses, self._pauses = self._pauses, []
+            return SpeechEnd(self._last_voiced_end, audio, self._start_t, self._onset_t, pauses)
         return None

@@ -74,6 +74,13 @@ class FakeLLM:
             text = self.reply_for(body)
         else:
             text = self.script.pop(0) if self.script else b.reply
+        if not body.get("stream"):
+            # A plain (structured-output) completion: one JSON body, no SSE.
+            return web.json_response({
+                "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "test"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            })
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if b.first_token_delay_s:
