@@ -1,110 +1,254 @@
-"""Persona definitions loaded from YAML, and what a persona decides for one conversation."""
+"""Persona data loaded and validated at start-up, and what a persona decides for one conversation.
+
+Layout of ``personas/data`` (or ``PARLEY_PERSONAS_DIR``):
+- ``*.yaml``: personas, each with ``kind: interviewer`` or ``kind: teacher`` (adding one needs no code);
+- ``questions/<role>.yaml``: one question bank per interview role;
+- ``languages.yaml``: the language teacher's languages.
+"""
 from __future__ import annotations
 
 import importlib.resources
+import random
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.turns import ConversationConfig
+
+from .schema import InterviewerPersona, Language, LanguageList, Persona, Question, RoleBank, TeacherPersona
 
 
 class PersonaError(ValueError):
     """Unknown persona or option: a client error, shown to the user as is."""
 
 
-@lru_cache(maxsize=None)
-def _load(name: str) -> dict[str, Any]:
-    text = importlib.resources.files("personas").joinpath(f"data/{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+class PersonaFileError(ValueError):
+    """A persona data file is malformed; the message names the file and the field."""
 
 
-def interviewer() -> dict[str, Any]:
-    return _load("interviewer")
+@dataclass(frozen=True)
+class Catalog:
+    personas: dict[str, InterviewerPersona | TeacherPersona]
+    roles: dict[str, RoleBank]
+    languages: dict[str, Language]
+
+    def roles_of(self, persona: InterviewerPersona) -> list[RoleBank]:
+        if persona.roles == "all":
+            return list(self.roles.values())
+        return [self.roles[r] for r in persona.roles]
 
 
-def teacher() -> dict[str, Any]:
-    return _load("teacher")
+def _read(path: Path, model: Any) -> Any:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PersonaFileError(f"{path.name}: not valid YAML: {e}") from None
+    try:
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as e:
+        def where(loc: tuple) -> str:
+            if model is Persona and loc and loc[0] in ("interviewer", "teacher"):
+                loc = loc[1:]  # the union's tag: the file already says which kind it is
+            return ".".join(str(p) for p in loc) or "(top level)"
+
+        problems = "; ".join(f"{where(err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise PersonaFileError(f"{path.name}: {problems}") from None
 
 
-def _choices(items: list[dict]) -> list[dict[str, str]]:
-    return [{"id": i["id"], "label": i["label"]} for i in items]
+def default_dir() -> Path:
+    return Path(str(importlib.resources.files("personas").joinpath("data")))
 
 
-def list_personas() -> list[dict[str, Any]]:
+def load_catalog(root: Path | None = None) -> Catalog:
+    """Read and validate every data file; raises PersonaFileError naming the file and field."""
+    root = root or default_dir()
+    roles: dict[str, RoleBank] = {}
+    for path in sorted((root / "questions").glob("*.yaml")):
+        bank = _read(path, RoleBank)
+        if bank.id != path.stem:
+            raise PersonaFileError(f"{path.name}: id: {bank.id!r} must match the file name {path.stem!r}")
+        roles[bank.id] = bank
+    languages: dict[str, Language] = {}
+    lang_file = root / "languages.yaml"
+    if lang_file.exists():
+        languages = {lang.id: lang for lang in _read(lang_file, LanguageList).languages}
+    personas: dict[str, InterviewerPersona | TeacherPersona] = {}
+    for path in sorted(root.glob("*.yaml")):
+        if path == lang_file:
+            continue
+        p = _read(path, Persona)
+        if p.id in personas:
+            raise PersonaFileError(f"{path.name}: id: {p.id!r} is already used by another persona")
+        if isinstance(p, InterviewerPersona):
+            names = roles.keys() if p.roles == "all" else p.roles
+            for r in [*([] if p.roles == "all" else p.roles), p.default_role]:
+                if r not in roles:
+                    raise PersonaFileError(f"{path.name}: roles: no question bank questions/{r}.yaml")
+            if not names:
+                raise PersonaFileError(f"{path.name}: roles: no question banks found")
+        else:
+            for name, code in (("default_language", p.default_language),
+                               ("default_native_language", p.default_native_language)):
+                if code not in languages:
+                    raise PersonaFileError(f"{path.name}: {name}: {code!r} is not in languages.yaml")
+        personas[p.id] = p
+    if not personas:
+        raise PersonaFileError(f"{root}: no persona files")
+    return Catalog(personas, roles, languages)
+
+
+@lru_cache(maxsize=1)
+def get_catalog() -> Catalog:
+    import os
+
+    root = os.environ.get("PARLEY_PERSONAS_DIR")
+    return load_catalog(Path(root) if root else None)
+
+
+def _choices(items) -> list[dict[str, str]]:
+    return [{"id": i.id, "label": i.label} for i in items]
+
+
+def list_personas(catalog: Catalog | None = None) -> list[dict[str, Any]]:
     """The personas and their options, as the web page renders them."""
-    iv, t = interviewer(), teacher()
-    return [
-        {"id": iv["id"], "name": iv["name"], "description": iv["description"], "options": [
-            {"name": "role", "label": "Role", "default": iv["roles"][0]["id"], "choices": _choices(iv["roles"])},
-            {"name": "interview_type", "label": "Interview type", "default": "mixed",
-             "choices": _choices(iv["interview_types"])},
-        ]},
-        {"id": t["id"], "name": t["name"], "description": t["description"], "options": [
-            {"name": "language", "label": "Language", "default": "fr", "choices": _choices(t["languages"])},
-            {"name": "level", "label": "Level", "default": "B1", "choices": _choices(t["levels"])},
-        ]},
-    ]
+    catalog = catalog or get_catalog()
+    out = []
+    for p in catalog.personas.values():
+        if isinstance(p, InterviewerPersona):
+            options = [
+                {"name": "role", "label": "Role", "type": "choice", "default": p.default_role,
+                 "choices": _choices(catalog.roles_of(p))},
+                {"name": "interview_type", "label": "Interview type", "type": "choice",
+                 "default": p.interview_types[0].id, "choices": _choices(p.interview_types)},
+                {"name": "difficulty", "label": "Difficulty", "type": "choice",
+                 "default": p.difficulties[len(p.difficulties) // 2].id, "choices": _choices(p.difficulties)},
+                {"name": "questions", "label": "Questions", "type": "number", "default": p.default_questions,
+                 "min": 1, "max": p.max_questions},
+                {"name": "corrections", "label": "Grammar and wording corrections", "type": "boolean",
+                 "default": False, "help": "For non-native speakers: corrections appear next to your answers."},
+            ]
+        else:
+            langs = [{"id": lang.id, "label": f"{lang.label} ({lang.native_label})"} for lang in catalog.languages.values()]
+            options = [
+                {"name": "language", "label": "Language", "type": "choice", "default": p.default_language, "choices": langs},
+                {"name": "level", "label": "Level", "type": "choice", "default": p.default_level,
+                 "choices": _choices(p.levels)},
+                {"name": "native_language", "label": "Explain words in", "type": "choice",
+                 "default": p.default_native_language, "choices": langs},
+                {"name": "topic", "label": "Topic (optional)", "type": "text", "default": ""},
+            ]
+        out.append({"id": p.id, "name": p.name, "description": p.description, "kind": p.kind, "options": options})
+    return out
 
 
 @dataclass(frozen=True)
 class PersonaSession:
-    """A persona with its options resolved: the pipeline's config plus what the offline mode needs."""
+    """A persona with its options resolved: the pipeline's config plus what the persona runtime needs."""
 
     persona: str
-    options: dict[str, str]
+    kind: str
+    options: dict[str, Any]
     config: ConversationConfig
-    questions: list[str] = field(default_factory=list)
+    definition: InterviewerPersona | TeacherPersona
+    questions: list[Question] = field(default_factory=list)  # interviewer: the plan, in order
+    role: RoleBank | None = None
+    language: Language | None = None
+    native: Language | None = None
 
 
-def _pick(items: list[dict], value: str | None, default: str, what: str) -> dict:
-    value = value or default
+def _pick(items, value: Any, default: str, what: str):
+    value = str(value) if value not in (None, "") else default
     for item in items:
-        if item["id"] == value:
+        if item.id == value:
             return item
-    raise PersonaError(f"unknown {what} {value!r}; expected one of: {', '.join(i['id'] for i in items)}")
+    raise PersonaError(f"unknown {what} {value!r}; expected one of: {', '.join(i.id for i in items)}")
 
 
-def build(persona: str | None, options: dict[str, Any] | None = None) -> PersonaSession:
-    options = {k: str(v) for k, v in (options or {}).items() if v is not None}
-    persona = persona or "interviewer"
-    if persona == "interviewer":
-        iv = interviewer()
-        role = _pick(iv["roles"], options.get("role"), iv["roles"][0]["id"], "role")
-        kind = _pick(iv["interview_types"], options.get("interview_type"), "mixed", "interview type")["id"]
-        technical = role["questions"] if kind != "behavioural" else []
-        behavioural = iv["behavioural_questions"] if kind != "technical" or not technical else []
-        questions = [behavioural[0]] if behavioural else []
-        rest_b, rest_t = behavioural[1:], list(technical)
-        while rest_b or rest_t:  # alternate so a mixed interview really is mixed
-            for pool in (rest_t, rest_b):
-                if pool:
-                    questions.append(pool.pop(0))
-        system = (
-            f"You are an experienced interviewer running a {kind} job interview for a {role['label']} position. "
-            "This is a spoken conversation: reply in one to three short sentences, no lists, no markdown. "
-            "Ask one question at a time. After each answer, briefly acknowledge it, ask a follow-up that probes "
-            "the candidate's last answer when it was vague, otherwise move on to the next question. "
-            "If the candidate is stuck, give a short hint. Questions you may use: " + " | ".join(questions)
-        )
-        greeting = f"Hello, thanks for coming in. Let's start. {questions[0]}" if questions else "Hello, let's begin."
-        return PersonaSession("interviewer", {"role": role["id"], "interview_type": kind},
-                              ConversationConfig(system_prompt=system, language="en", stt_prompt=role.get("vocabulary"),
-                                                 greeting=greeting), questions)
-    if persona == "teacher":
-        t = teacher()
-        lang = _pick(t["languages"], options.get("language"), "fr", "language")
-        level = _pick(t["levels"], options.get("level"), "B1", "level")
-        system = (
-            f"You are a friendly {lang['label']} teacher having a spoken conversation with a learner at level "
-            f"{level['id']}. Always answer in {lang['label']}. {level['style']} Reply in one to three short "
-            "sentences, no lists, no markdown. Keep the conversation going on a topic the learner picks. "
-            "When the learner makes a mistake, repeat their sentence correctly in your reply (a recast) "
-            "without lecturing."
-        )
-        return PersonaSession("teacher", {"language": lang["id"], "level": level["id"]},
-                              ConversationConfig(system_prompt=system, language=lang["id"], greeting=lang["greeting"]),
-                              list(lang["questions"]))
-    raise PersonaError(f"unknown persona {persona!r}; expected 'interviewer' or 'teacher'")
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def plan_questions(role: RoleBank, behavioural: RoleBank | None, kind: str, difficulty: str, total: int,
+                   rng: random.Random) -> list[Question]:
+    """``total`` questions for this interview: the chosen kind and difficulty first, alternating
+    technical and behavioural in a mixed interview, never the same question twice."""
+    pool = list(role.questions) + ([q for q in behavioural.questions if q not in role.questions]
+                                   if behavioural is not None and behavioural is not role else [])
+    order = {"easy": 0, "medium": 1, "hard": 2}
+
+    def ranked(kinds: tuple[str, ...]) -> list[Question]:
+        qs = [q for q in pool if q.kind in kinds]
+        rng.shuffle(qs)
+        # Nearest difficulty first; the shuffle keeps sessions varied within a difficulty.
+        return sorted(qs, key=lambda q: abs(order[q.difficulty] - order.get(difficulty, 1)))
+
+    if kind == "mixed":
+        streams = [ranked(("technical",)), ranked(("behavioural",))]
+        if behavioural is role or not streams[0]:
+            streams = [ranked(("technical", "behavioural"))]
+        plan: list[Question] = []
+        i = 0
+        while len(plan) < total and any(streams):
+            s = streams[i % len(streams)]
+            if s:
+                plan.append(s.pop(0))
+            i += 1
+        return plan
+    wanted = ranked((kind,))
+    if len(wanted) < total:  # a small bank: top up with the other kind rather than stop short
+        wanted += [q for q in ranked(("technical", "behavioural")) if q not in wanted]
+    return wanted[:total]
+
+
+def build(persona: str | None, options: dict[str, Any] | None = None, catalog: Catalog | None = None,
+          seed: int | None = None) -> PersonaSession:
+    catalog = catalog or get_catalog()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    persona = persona or next(iter(catalog.personas))
+    p = catalog.personas.get(persona)
+    if p is None:
+        raise PersonaError(f"unknown persona {persona!r}; expected one of: {', '.join(catalog.personas)}")
+    rng = random.Random(seed)
+    if isinstance(p, InterviewerPersona):
+        role = _pick(catalog.roles_of(p), options.get("role"), p.default_role, "role")
+        kind = _pick(p.interview_types, options.get("interview_type"), p.interview_types[0].id, "interview type").id
+        difficulty = _pick(p.difficulties, options.get("difficulty"),
+                           p.difficulties[len(p.difficulties) // 2].id, "difficulty").id
+        try:
+            total = int(options.get("questions", p.default_questions))
+        except (TypeError, ValueError):
+            raise PersonaError("questions must be a whole number") from None
+        if not 1 <= total <= p.max_questions:
+            raise PersonaError(f"questions must be between 1 and {p.max_questions}")
+        questions = plan_questions(role, catalog.roles.get("behavioural"), kind, difficulty, total, rng)
+        if not questions:
+            raise PersonaError(f"the {role.label} question bank has no {kind} questions")
+        corrections = _flag(options.get("corrections", False))
+        system = p.prompts.system.format(role=role.label, interview_type=kind, difficulty=difficulty,
+                                         total=len(questions))
+        prompt = ", ".join(x for x in (p.stt_prompt, role.vocabulary) if x)
+        return PersonaSession(
+            p.id, p.kind,
+            {"role": role.id, "interview_type": kind, "difficulty": difficulty, "questions": len(questions),
+             "corrections": corrections},
+            ConversationConfig(system_prompt=system, language="en", stt_prompt=prompt or None,
+                               greeting=p.greeting.format(question=questions[0].text)),
+            p, questions, role=role)
+    assert isinstance(p, TeacherPersona)
+    langs = list(catalog.languages.values())
+    lang = _pick(langs, options.get("language"), p.default_language, "language")
+    native = _pick(langs, options.get("native_language"), p.default_native_language, "native language")
+    level = _pick(p.levels, options.get("level"), p.default_level, "level")
+    topic = str(options.get("topic") or "").strip()[:120]
+    system = p.prompts.system.format(language=lang.label, level=level.id, style=level.style, native=native.label,
+                                     topic=f" (they chose: {topic})" if topic else "")
+    return PersonaSession(
+        p.id, p.kind, {"language": lang.id, "level": level.id, "native_language": native.id, "topic": topic},
+        ConversationConfig(system_prompt=system, language=lang.id, greeting=lang.greeting),
+        p, language=lang, native=native)
