@@ -4,9 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from personas.catalog import PersonaSession
-from personas.offline import OfflinePersonaLLM
-from pipeline.llm import LLM, LLMOptions, OpenAILLM
+from pipeline.llm import LLMOptions, OpenAILLM
 from pipeline.stt import WhisperOptions, WhisperSTT, shared_whisper
 from pipeline.tts import TTS, make_tts
 
@@ -21,9 +19,6 @@ class Engines:
     tts: TTS
     llm: OpenAILLM | None  # None: offline personas
     stt_status: str = "not loaded"
-
-    def llm_for(self, persona: PersonaSession) -> LLM:
-        return self.llm if self.llm is not None else OfflinePersonaLLM(persona)
 
     async def warm_up(self) -> None:
         """Load Whisper before the first person speaks; a failure is reported, not fatal:

@@ -15,6 +15,8 @@ import uuid
 from typing import Any
 
 from personas.catalog import PersonaSession, build
+from personas.runtime import make_runtime
+from pipeline.tasks import TaskSet
 from pipeline import frames as F
 from pipeline.conversation import Conversation
 from pipeline.turns import TurnOptions
@@ -48,10 +50,14 @@ class Room:
         self._client_ready = False
         self._greeted = False
         self._grace: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet(room_id)
         self._closed = False
+        self._hint_timer: asyncio.TimerHandle | None = None
+        # The persona is the conversation's LLM: it decides each turn and calls the real one.
+        self.runtime = make_runtime(persona, engines.llm, engines.llm,
+                                    lambda payload: self.send(rtvi.server_message(payload)))
         self.conversation = Conversation(
-            stt=engines.stt, llm=engines.llm_for(persona), tts=engines.tts, config=persona.config,
+            stt=engines.stt, llm=self.runtime, tts=engines.tts, config=persona.config,
             vad_options=VADOptions(threshold=settings.vad_threshold,
                                    endpoint_silence_ms=settings.vad_endpoint_silence_ms),
             turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
@@ -93,10 +99,7 @@ class Room:
         await self._on_empty(self)
 
     def _spawn(self, coro, what: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{what}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro, what)
 
     def _on_peer_closed(self, peer: Peer) -> None:
         if peer is self.peer and not self._closed:
@@ -117,6 +120,27 @@ class Room:
     def _on_event(self, ev: F.Event) -> None:
         for msg in rtvi.from_event(ev):
             self.send(msg)
+        self.runtime.on_event(ev)
+        self._watch_silence(ev)
+
+    def _watch_silence(self, ev: F.Event) -> None:
+        """A question followed by a long silence gets a hint, if the persona wants one."""
+        if isinstance(ev, (F.UserStartedSpeaking, F.BotStartedSpeaking, F.Transcript)) and self._hint_timer:
+            self._hint_timer.cancel()
+            self._hint_timer = None
+        elif isinstance(ev, F.BotStoppedSpeaking) and not ev.interrupted and not self._closed:
+            if self._hint_timer:
+                self._hint_timer.cancel()
+            self._hint_timer = asyncio.get_running_loop().call_later(self.runtime.hint_after_s, self._on_silence)
+
+    def _on_silence(self) -> None:
+        self._hint_timer = None
+        if self.peer is not None and self.runtime.wants_hint():
+            self.conversation.respond()
+
+    async def _end_session(self, peer: Peer, request_id: str | None) -> None:
+        result = await self.runtime.finish()
+        peer.send(json.dumps(rtvi.message("server-response", {"t": "end-session", "d": result}, request_id)))
 
     def _on_message(self, peer: Peer, raw: str | bytes) -> None:
         try:
@@ -147,6 +171,8 @@ class Room:
                     peer.send(json.dumps(rtvi.message("error-response", {"error": "send-text needs a non-empty 'content'"}, msg.id)))
             case "disconnect-bot":
                 self._spawn(peer.close(), "disconnect")
+            case "client-message" if msg.data.get("t") == "end-session":
+                self._spawn(self._end_session(peer, msg.id), "end-session")
             case "client-message":
                 peer.send(json.dumps(rtvi.message("error-response", {"error": f"unknown client message {msg.data.get('t')!r}"}, msg.id)))
             case _:
@@ -156,15 +182,17 @@ class Room:
         if self._closed:
             return
         self._closed = True
-        me = asyncio.current_task()
-        pending = [t for t in (*self._tasks, self._grace) if t is not None and t is not me]
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if self._hint_timer:
+            self._hint_timer.cancel()
+        if self._grace is not None and self._grace is not asyncio.current_task():
+            self._grace.cancel()
+            await asyncio.gather(self._grace, return_exceptions=True)
+        await self._tasks.aclose()
         if self.peer is not None:
             peer, self.peer = self.peer, None
             await peer.close()
         await self.conversation.aclose()
+        await self.runtime.aclose()
         self.closed.set()
         self._log.info("room closed after %d turns", sum(1 for m in self.conversation.history if m["role"] == "user"))
 

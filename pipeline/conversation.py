@@ -28,6 +28,7 @@ from .llm import LLM, LLMError
 from .player import PlaybackListener, Player, Segment
 from .sentences import SentenceAggregator
 from .stt import STT
+from .tasks import TaskSet
 from .tts import TTS, TTSError
 from .turns import ConversationConfig, TurnOptions
 from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
@@ -80,7 +81,7 @@ class Conversation:
         self.history: list[dict[str, Any]] = []
         self.metrics: list[TurnMetrics] = []
         self.state = AgentState.LISTENING
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet(name or "conversation", self._task_failed)
         self._reply: _Reply | None = None
         self._reply_seq = 0
         self._turn = 0
@@ -138,10 +139,7 @@ class Conversation:
         self._closed = True
         if self._reply is not None:
             self._finish_interrupted(self._reply)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         self.player.clear()
 
     # ------------------------------------------------------------------ speech events
@@ -437,16 +435,10 @@ class Conversation:
             self._emit(StateChanged(state, previous))
 
     def _spawn(self, coro: Coroutine, what: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{what}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+        return self._tasks.spawn(coro, what)
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._log.error("task %s failed", task.get_name(), exc_info=task.exception())
-            self._emit(ErrorEvent("pipeline", f"internal error in {task.get_name()}: {task.exception()}"))
+    def _task_failed(self, task: asyncio.Task, exc: BaseException) -> None:
+        self._emit(ErrorEvent("pipeline", f"internal error in {task.get_name()}: {exc}"))
 
 
 def llm_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:

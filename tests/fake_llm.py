@@ -104,3 +104,8 @@ def _sse(body: dict, delta: dict, finish: str | None = None) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def last_user(body: dict) -> str:
+    """The person's latest words in a chat request (the persona appends its own instruction after them)."""
+    return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fake_llm import last_user
 from fastapi.staticfiles import StaticFiles
 
 from pipeline.audio import float_to_int16, resample_once
@@ -176,7 +178,7 @@ async def test_parley_page_in_chromium_transcribes_answers_and_plays_the_reply(p
     # The page shows every final transcription as the person's line, and the LLM was asked about one.
     finals = [t.strip() for t in page_state["transcriptions"] if t.strip()]
     assert page_state["users"] == finals, page_state
-    asked = [r["messages"][-1]["content"] for r in parley_server.llm.requests]
+    asked = [last_user(r) for r in parley_server.llm.requests]
     assert asked and asked[0] in page_state["transcriptions"], (asked, page_state["transcriptions"])
 
     await page.screenshot(path=str(artifacts / "page.png"), full_page=True)

@@ -6,6 +6,7 @@ import asyncio
 import httpx
 import numpy as np
 
+from fake_llm import last_user
 from webrtc_client import Client
 
 
@@ -31,13 +32,13 @@ async def test_browser_like_client_gets_transcript_reply_text_and_audio(parley_s
         assert np.abs(audio).max() > 1000, "the agent's reply audio is silent"
         assert c.of("server-message") and any(m["data"].get("type") == "interrupted" for m in c.of("server-message"))
         # The LLM saw the user's words as transcribed.
-        assert parley_server.llm.requests[-1]["messages"][-1] == {"role": "user", "content": final["text"]}
+        assert last_user(parley_server.llm.requests[-1]) == final["text"]
     finally:
         await c.close()
 
 
 async def test_typed_text_over_data_channel_gets_a_reply(parley_server, speech):
-    parley_server.llm.reply_for = lambda req: "You typed: " + req["messages"][-1]["content"]
+    parley_server.llm.reply_for = lambda req: "You typed: " + last_user(req)
     c = Client(parley_server.url, np.zeros(16000, np.float32))
     try:
         await c.connect()
@@ -53,7 +54,9 @@ async def test_ten_concurrent_rooms_get_their_own_replies(parley_server, speech)
     rooms = [f"room-{i}" for i in range(10)]
     # Each room's persona differs by role, so the reply text names the room's own system prompt.
     parley_server.llm.reply_for = lambda req: "Room says " + _role(req)
-    roles = ["software-engineer-backend", "data-scientist", "product-manager", "hr", "consultant",
+    # Not "consultant": with that role's vocabulary prompt the random-weight test Whisper happens to
+    # emit end-of-text at once, so that room would never get a transcript (a fixture quirk).
+    roles = ["software-engineer-backend", "data-scientist", "product-manager", "hr", "behavioural",
              "marketing-manager", "customer-service", "call-centre-agent", "project-manager", "software-engineer-frontend"]
     clients = [Client(parley_server.url, speech("en_goforward.wav"), room=r, options={"role": role})
                for r, role in zip(rooms, roles)]
@@ -73,11 +76,11 @@ async def test_ten_concurrent_rooms_get_their_own_replies(parley_server, speech)
 
 def _role(req) -> str:
     system = req["messages"][0]["content"]
-    from personas.catalog import interviewer
+    from personas.catalog import get_catalog
 
-    for r in interviewer()["roles"]:
-        if f"for a {r['label']} position" in system:
-            return r["id"]
+    for r in get_catalog().roles.values():
+        if f"for a {r.label} position" in system:
+            return r.id
     return "unknown"
 
 
@@ -110,7 +113,7 @@ async def test_bad_signaling_input_is_a_clear_4xx_and_the_server_keeps_serving(p
 
 
 async def test_room_closes_cleanly_when_the_peer_leaves_and_restart_keeps_the_conversation(parley_server, speech):
-    parley_server.llm.reply_for = lambda req: "You typed: " + req["messages"][-1]["content"]
+    parley_server.llm.reply_for = lambda req: "You typed: " + last_user(req)
     manager = parley_server.app_state.rooms
     c = Client(parley_server.url, np.zeros(16000, np.float32), room="lifecycle")
     await c.connect()
@@ -164,7 +167,8 @@ async def test_rest_api_personas_page_docs_and_room_state(parley_server):
             noted = next(i for i, m in enumerate(c.messages) if m["type"] == "bot-output" and "Noted." in m["data"]["text"])
             await c.wait_for(lambda c: any(m["type"] == "bot-stopped-speaking" for m in c.messages[noted:]))
             state = (await http.get("/api/rooms/api-room")).json()
-            assert state["persona"] == "teacher" and state["options"] == {"language": "de", "level": "A2"}
+            assert state["persona"] == "teacher"
+            assert state["options"] | {"language": "de", "level": "A2"} == state["options"]
             assert {"role": "user", "content": "Ich habe Hunger"} in state["history"]
             assert state["history"][-1] == {"role": "assistant", "content": "Noted."}
             assert state["metrics_summary"]["llm_ttft_ms"]["count"] >= 1
