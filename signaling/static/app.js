@@ -8,6 +8,8 @@ const METER_INTERVAL_MS = 50;
 // sit at the bottom of the transcript forever.
 const STALE_INTERIM_MS = 6000;
 const STORAGE_KEY = "parley.setup";
+// The scorecard or summary may take a while (an LLM reading the whole interview), not forever.
+const END_SESSION_TIMEOUT_MS = 90000;
 
 const STATE_LABELS = {
   idle: "idle",
@@ -37,17 +39,35 @@ const els = {
   textInput: $("text-input"),
   send: $("send"),
   botAudio: $("bot-audio"),
+  endSession: $("end-session"),
+  feedbackPanel: $("feedback-panel"),
+  feedbackEmpty: $("feedback-empty"),
+  reportSlot: $("report-slot"),
+  answersSection: $("answers-section"),
+  feedbackList: $("feedback-list"),
+  correctionsSection: $("corrections-section"),
+  correctionsList: $("corrections-list"),
+  vocabularySection: $("vocabulary-section"),
+  vocabularyList: $("vocabulary-list"),
+  reportDialog: $("report-dialog"),
+  reportDialogBody: $("report-dialog-body"),
 };
 
 // Hooks for automated tests and for poking around in the console.
 const parley = {
   events: [], // every RTVI message received, in order
+  feedback: [], // every feedback, correction, vocabulary, scorecard and summary payload, in order
   botAudioLevel: 0, // max RMS (0..1) of the agent's audio seen so far
   botAudioLevelNow: 0,
   micLevel: 0,
   state: "idle",
   get pc() {
     return session?.pc ?? null;
+  },
+  // Handles one RTVI message as if the agent had sent it (for tests and the console).
+  handleMessage(msg) {
+    const parsed = typeof msg === "string" ? JSON.parse(msg) : msg;
+    handleMessage(session ?? { closed: true }, { label: "rtvi-ai", ...parsed });
   },
 };
 window.parley = parley;
@@ -136,49 +156,118 @@ function currentPersona() {
   return personas.find((p) => p.id === els.persona.value);
 }
 
+function optionType(option) {
+  const type = option.type ?? "choice";
+  // A choice without choices can only be typed in.
+  if (type === "choice" && !(Array.isArray(option.choices) && option.choices.length)) return "text";
+  return ["choice", "number", "boolean", "text"].includes(type) ? type : "text";
+}
+
+function optionControl(option, wanted) {
+  const type = optionType(option);
+  let control;
+  if (type === "choice") {
+    control = document.createElement("select");
+    for (const choice of option.choices) {
+      const value = typeof choice === "object" ? choice.id : choice;
+      const label = typeof choice === "object" ? choice.label || choice.id : choice;
+      control.append(new Option(label, value));
+    }
+    const values = Array.from(control.options, (o) => o.value);
+    control.value = values.includes(wanted) ? wanted : (option.default ?? values[0]);
+  } else if (type === "number") {
+    control = document.createElement("input");
+    control.type = "number";
+    control.inputMode = "numeric";
+    control.step = "1";
+    if (Number.isFinite(option.min)) control.min = String(option.min);
+    if (Number.isFinite(option.max)) control.max = String(option.max);
+    const value = Number.isFinite(Number(wanted)) && wanted !== "" ? wanted : option.default;
+    control.value = value ?? "";
+  } else if (type === "boolean") {
+    control = document.createElement("input");
+    control.type = "checkbox";
+    control.checked = typeof wanted === "boolean" ? wanted : Boolean(option.default);
+  } else {
+    control = document.createElement("input");
+    control.type = "text";
+    control.autocomplete = "off";
+    control.value = wanted ?? "";
+  }
+  control.dataset.type = type;
+  return control;
+}
+
 function renderPersonaOptions(savedOptions = {}) {
   const persona = currentPersona();
   els.personaDescription.textContent = persona?.description ?? "";
   const fields = (persona?.options ?? []).map((option) => {
     const id = `option-${option.name}`;
+    const control = optionControl(option, savedOptions?.[option.name] ?? option.default);
+    control.id = id;
+    control.name = option.name;
+    control.dataset.option = option.name;
+
     const field = document.createElement("div");
     field.className = "field";
     const label = document.createElement("label");
     label.htmlFor = id;
     label.textContent = option.label || option.name;
 
-    const wanted = savedOptions?.[option.name] ?? option.default;
-    let control;
-    if (Array.isArray(option.choices) && option.choices.length) {
-      control = document.createElement("select");
-      for (const choice of option.choices) {
-        const value = typeof choice === "object" ? choice.id : choice;
-        const text = typeof choice === "object" ? choice.label || choice.id : choice;
-        control.append(new Option(text, value));
-      }
-      const values = Array.from(control.options, (o) => o.value);
-      control.value = values.includes(wanted) ? wanted : (option.default ?? values[0]);
+    if (control.type === "checkbox") {
+      field.classList.add("field-check");
+      field.append(control, label);
     } else {
-      // A free-form option: the API may add one without choices.
-      control = document.createElement("input");
-      control.type = "text";
-      control.value = wanted ?? "";
+      if (control.dataset.type === "text") control.placeholder = "Optional";
+      field.append(label, control);
     }
-    control.id = id;
-    control.name = option.name;
-    control.dataset.option = option.name;
-    field.append(label, control);
+    let help = option.help;
+    if (!help && control.type === "number" && control.min && control.max) help = `${control.min} to ${control.max}`;
+    if (help) {
+      const hint = document.createElement("p");
+      hint.className = "hint";
+      hint.id = `${id}-help`;
+      hint.textContent = help;
+      control.setAttribute("aria-describedby", hint.id);
+      field.append(hint);
+    }
     return field;
   });
   els.personaOptions.replaceChildren(...fields);
 }
 
+// The chosen options, typed as the server expects them: numbers as numbers, booleans as
+// booleans, empty text left out.
 function collectOptions() {
   const options = {};
   for (const control of els.personaOptions.querySelectorAll("[data-option]")) {
-    options[control.dataset.option] = control.value;
+    const name = control.dataset.option;
+    if (control.type === "checkbox") {
+      options[name] = control.checked;
+    } else if (control.type === "number") {
+      if (control.value !== "" && Number.isFinite(control.valueAsNumber)) options[name] = control.valueAsNumber;
+    } else if (control.dataset.type === "text") {
+      const text = control.value.trim();
+      if (text) options[name] = text;
+    } else {
+      options[name] = control.value;
+    }
   }
   return options;
+}
+
+// The first option the browser considers invalid (a number out of range), with why.
+function invalidOption() {
+  for (const control of els.personaOptions.querySelectorAll("[data-option]")) {
+    if (control.checkValidity()) continue;
+    const label = els.personaOptions.querySelector(`label[for="${control.id}"]`)?.textContent ?? control.name;
+    let why = "is not valid";
+    if (control.type === "number") {
+      why = control.min && control.max ? `must be a whole number from ${control.min} to ${control.max}` : "must be a whole number";
+    }
+    return { control, message: `${label} ${why}.` };
+  }
+  return null;
 }
 
 // ---------------------------------------------------------------------------
@@ -198,6 +287,11 @@ function updateControls() {
   const canType = active && session.botReady && session.dc?.readyState === "open";
   els.textInput.disabled = !canType;
   els.send.disabled = !canType;
+  const ending = Boolean(active && session.endRequest);
+  els.endSession.disabled = !canType || ending;
+  els.endSession.classList.toggle("is-busy", ending);
+  els.endSession.setAttribute("aria-busy", String(ending));
+  els.endSession.querySelector(".btn-label").textContent = ending ? "Preparing your feedback…" : "End session";
   els.setupForm.setAttribute("aria-busy", String(connecting));
 }
 
@@ -214,6 +308,7 @@ const transcript = {
   pending: null, // the entry holding the live interim transcript, always kept last
   agentBubble: null, // the agent bubble that bot-output appends to, until the next user turn
   lastAgentBubble: null,
+  lastUserEntry: null, // the latest final user line's entry, where delivery and corrections go
   pendingMetrics: null, // turn metrics that arrived before their bubble
   staleTimer: 0,
 };
@@ -259,6 +354,7 @@ function addUserLine(text, { typed = false } = {}) {
   line.textContent = text;
   if (typed) line.classList.add("typed");
   appendEntry(entry);
+  transcript.lastUserEntry = entry;
   endAgentBubble();
   return line;
 }
@@ -292,6 +388,7 @@ function finalizeUserText(text) {
   // A fresh node rather than an edited one, so the log region announces it.
   if (pending) withScroll(() => pending.replaceWith(entry));
   else appendEntry(entry);
+  transcript.lastUserEntry = entry;
   endAgentBubble();
 }
 
@@ -434,7 +531,397 @@ function addNotice(text) {
   p.className = "notice";
   p.dir = "auto";
   p.textContent = text;
-  appendEntry(p);
+  return appendEntry(p);
+}
+
+// ---------------------------------------------------------------------------
+// Coaching: delivery and corrections under the person's lines; per-answer feedback,
+// corrections, new words and the end-of-session report in the Feedback panel
+
+// A small element builder: h("p", { class: "x", dataset: { a: "1" } }, "text", child…).
+function h(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children.flat().filter((c) => c !== undefined && c !== null && c !== false && c !== ""));
+  return node;
+}
+
+const text = (v) => (typeof v === "string" ? v.trim() : typeof v === "number" ? String(v) : "");
+const texts = (v) => (Array.isArray(v) ? v.map(text).filter(Boolean) : []);
+const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+const srOnly = (words) => h("span", { class: "visually-hidden" }, words);
+
+function formatNumber(v, digits = 1) {
+  return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+}
+
+function plural(n, one, many = `${one}s`) {
+  return `${formatNumber(n)} ${n === 1 ? one : many}`;
+}
+
+// Scores are out of 10: green from 8, amber from 5, red below.
+function scoreBand(score) {
+  if (score === null) return "none";
+  if (score >= 8) return "high";
+  if (score >= 5) return "mid";
+  return "low";
+}
+
+function clampScore(v) {
+  const score = num(v);
+  return score === null ? null : Math.min(10, Math.max(0, score));
+}
+
+// The badge's own text is just the number; screen readers also hear "Score … out of 10".
+function scoreBadge(value) {
+  const score = clampScore(value);
+  if (score === null) {
+    return h("span", { class: "score-wrap" },
+      h("span", { class: "score-badge", dataset: { band: "none" }, title: "Not scored", "aria-hidden": "true" }, "–"),
+      srOnly("Not scored"));
+  }
+  return h("span", { class: "score-wrap" },
+    srOnly("Score "),
+    h("span", { class: "score-badge", dataset: { band: scoreBand(score) }, title: "Score out of 10" },
+      formatNumber(score)),
+    srOnly(" out of 10"));
+}
+
+function sourceNote(payload) {
+  const parts = [];
+  if (payload.source === "heuristic") parts.push("Quick automatic check, without a language model.");
+  if (text(payload.note)) parts.push(text(payload.note));
+  if (!parts.length) return null;
+  return h("p", { class: "source-note", dataset: { source: text(payload.source) || "unknown" } }, parts.join(" "));
+}
+
+function bulletSection(title, items, className) {
+  if (!items.length) return null;
+  return h("section", { class: `card-section ${className}` },
+    h("h5", {}, title),
+    h("ul", { class: "bullets" }, items.map((item) => h("li", { dir: "auto" }, item))));
+}
+
+function rememberFeedback(payload) {
+  parley.feedback.push(payload);
+  els.feedbackEmpty.hidden = true;
+}
+
+// The transcript entry a delivery or correction belongs to: the one already tagged with its
+// turn, else the latest final user line (which then takes the turn).
+function userEntryFor(turn) {
+  const key = num(turn) === null ? null : String(turn);
+  if (key !== null) {
+    const tagged = Array.from(els.transcript.querySelectorAll(".entry.from-user")).find((e) => e.dataset.turn === key);
+    if (tagged) return tagged;
+  }
+  const entry = transcript.lastUserEntry;
+  if (!entry?.isConnected) return null;
+  if (key !== null && !entry.dataset.turn) entry.dataset.turn = key;
+  return entry;
+}
+
+// --- Delivery: pace, fillers and pauses of one answer, as chips under it
+
+function deliveryChips(d) {
+  const chips = [];
+  const wpm = num(d.wpm);
+  if (wpm !== null) {
+    const pace = ["ok", "slow", "fast"].includes(d.pace) ? d.pace : "ok";
+    const range = Array.isArray(d.healthy_wpm) && d.healthy_wpm.length === 2 ? d.healthy_wpm.map(num) : null;
+    const target = range && range.every((v) => v !== null) ? `a comfortable pace is ${range[0]}–${range[1]} wpm` : "";
+    chips.push(h("span", { class: "chip pace", dataset: { pace }, title: target ? `Speaking pace: ${target}` : "Speaking pace" },
+      `${Math.round(wpm)} wpm · ${pace === "ok" ? "good pace" : pace}`,
+      target && srOnly(` (${target})`)));
+  }
+  const fillers = d.fillers && typeof d.fillers === "object" ? d.fillers : null;
+  const count = num(fillers?.count);
+  if (count !== null) {
+    const perMinute = num(fillers.per_minute);
+    const words = fillers.words && typeof fillers.words === "object"
+      ? Object.entries(fillers.words).filter(([, n]) => num(n)).map(([w, n]) => `“${w}” ×${n}`).join(", ")
+      : "";
+    chips.push(h("span", { class: "chip fillers", dataset: { count: String(count) }, title: words || null },
+      count === 0 ? "no fillers" : plural(count, "filler"),
+      count > 0 && perMinute !== null ? ` (${formatNumber(perMinute)}/min)` : "",
+      words && srOnly(`: ${words}`)));
+  }
+  const pauses = num(d.long_pauses);
+  if (pauses) {
+    const longest = num(d.longest_pause_s);
+    const detail = longest !== null ? `longest ${formatNumber(longest)} s` : "";
+    chips.push(h("span", { class: "chip pauses", title: detail || null },
+      plural(pauses, "long pause"), detail && srOnly(` (${detail})`)));
+  }
+  return chips;
+}
+
+function showDelivery(d) {
+  const entry = userEntryFor(d.turn);
+  const chips = deliveryChips(d);
+  if (!entry || !chips.length) return;
+  // Spaces between the chips keep their words apart for screen readers and copy-paste.
+  const spaced = chips.flatMap((chip, i) => (i ? [" ", chip] : [chip]));
+  const node = h("p", { class: "delivery", dataset: { turn: text(d.turn) } }, srOnly("Delivery: "), spaced);
+  withScroll(() => {
+    const old = entry.querySelector(":scope > .delivery");
+    if (old) old.replaceWith(node);
+    else entry.querySelector(".line").after(node);
+  });
+}
+
+// --- Corrections
+
+function correctionBody(c) {
+  const original = text(c.original);
+  const corrected = text(c.corrected);
+  const explanation = text(c.explanation);
+  return [
+    h("span", { class: "correction-change" },
+      original && h("del", { dir: "auto" }, original),
+      original && h("span", { class: "arrow", "aria-hidden": "true" }, " → "),
+      original && srOnly(" should be "),
+      h("ins", { dir: "auto" }, corrected)),
+    explanation && h("span", { class: "explanation", dir: "auto" }, explanation),
+  ];
+}
+
+function showCorrection(c) {
+  if (!text(c.corrected)) return;
+  rememberFeedback(c);
+  const entry = userEntryFor(c.turn);
+  if (entry) {
+    const inline = h("p", { class: "correction inline", dataset: { turn: text(c.turn) } }, srOnly("Correction: "), correctionBody(c));
+    withScroll(() => entry.append(inline));
+  }
+  els.correctionsList.prepend(h("li", { class: "correction", dataset: { turn: text(c.turn) } }, correctionBody(c)));
+  els.correctionsSection.hidden = false;
+}
+
+// --- New words
+
+function vocabularyItem(v) {
+  return h("div", { class: "vocab-item" }, h("dt", { dir: "auto" }, text(v.word)), h("dd", { dir: "auto" }, text(v.meaning)));
+}
+
+function showVocabulary(v) {
+  const word = text(v.word);
+  if (!word) return;
+  rememberFeedback(v);
+  const key = word.toLocaleLowerCase();
+  // The same word twice: keep one entry, with the latest meaning, at the top.
+  for (const item of els.vocabularyList.querySelectorAll(".vocab-item")) {
+    if (item.querySelector("dt").textContent.toLocaleLowerCase() === key) item.remove();
+  }
+  els.vocabularyList.prepend(vocabularyItem(v));
+  els.vocabularySection.hidden = false;
+}
+
+// --- Per-answer feedback cards, newest first
+
+function starChecklist(star) {
+  if (!star || typeof star !== "object") return null;
+  const steps = ["situation", "task", "action", "result"].filter((k) => typeof star[k] === "boolean");
+  if (!steps.length) return null;
+  return h("section", { class: "card-section star" },
+    h("h5", {}, "STAR structure"),
+    h("ul", { class: "star-list" }, steps.map((k) =>
+      h("li", { dataset: { covered: String(star[k]) } },
+        h("span", { class: "star-mark", "aria-hidden": "true" }, star[k] ? "✓" : "✗"),
+        `${k[0].toUpperCase()}${k.slice(1)}`,
+        srOnly(star[k] ? " covered" : " missing")))));
+}
+
+function showFeedback(f) {
+  rememberFeedback(f);
+  const question = text(f.question);
+  const better = text(f.better_answer);
+  const answer = text(f.answer);
+  const card = h("article", {
+    class: "feedback-card",
+    dataset: { questionIndex: text(f.question_index), turn: text(f.turn), source: text(f.source) },
+  },
+    h("header", { class: "card-head" },
+      h("h4", { class: "card-question", dir: "auto" }, question || "Your answer"),
+      scoreBadge(f.score)),
+    bulletSection("What was good", texts(f.good), "good"),
+    bulletSection("What was missing", texts(f.missing), "missing"),
+    starChecklist(f.star),
+    better && h("section", { class: "card-section better" }, h("h5", {}, "A stronger answer"), h("p", { dir: "auto" }, better)),
+    answer && h("details", { class: "your-answer" }, h("summary", {}, "Your answer"), h("p", { dir: "auto" }, answer)),
+    sourceNote(f));
+  els.feedbackList.prepend(card);
+  els.answersSection.hidden = false;
+}
+
+// --- End-of-session report: a dialog when it arrives, and a card kept in the panel
+
+function languageName(code) {
+  const c = text(code);
+  if (!c) return "";
+  const option = personas.flatMap((p) => p.options ?? []).find((o) => o.name === "language");
+  const choice = option?.choices?.find((ch) => (typeof ch === "object" ? ch.id : ch) === c);
+  if (choice) return typeof choice === "object" ? choice.label || c : choice;
+  try {
+    return new Intl.DisplayNames([navigator.language || "en"], { type: "language" }).of(c) || c;
+  } catch {
+    return c;
+  }
+}
+
+function reportHead(title, titleId, extra) {
+  return h("header", { class: "report-head" },
+    h("div", { class: "report-title" },
+      h("p", { class: "eyebrow" }, "Session complete"),
+      h("h3", { id: titleId, tabIndex: -1 }, title)),
+    extra);
+}
+
+// In the panel, a way back to the dialog once it was closed.
+function reportOpenButton(kind, label, inPanel) {
+  if (!inPanel) return null;
+  return h("div", { class: "report-actions" },
+    h("button", { type: "button", class: "btn btn-ghost btn-small report-open", dataset: { report: kind } }, label));
+}
+
+// The overall score in a ring filled to the score, coloured like the badges.
+function overallRing(overall) {
+  const ring = h("p", { class: "overall", dataset: { band: scoreBand(overall) } },
+    srOnly("Overall score "),
+    h("span", { class: "overall-score" }, overall === null ? "–" : formatNumber(overall, 1)),
+    h("span", { class: "out-of" }, overall === null ? "not scored" : "/10"));
+  ring.style.setProperty("--pct", `${(overall ?? 0) * 10}%`);
+  return ring;
+}
+
+function scorecardCard(sc, inPanel) {
+  const overall = clampScore(sc.overall_score);
+  const questions = Array.isArray(sc.questions) ? sc.questions.filter((q) => q && typeof q === "object") : [];
+  const delivery = sc.delivery && typeof sc.delivery === "object" ? sc.delivery : {};
+  const wpm = num(delivery.wpm);
+  const fpm = num(delivery.fillers_per_minute);
+  const deliveryText = [
+    wpm !== null && `${Math.round(wpm)} words per minute`,
+    fpm !== null && `${formatNumber(fpm)} fillers per minute`,
+  ].filter(Boolean).join(" · ");
+  const titleId = inPanel ? "scorecard-title" : "report-dialog-title";
+
+  return h("article", { id: inPanel ? "scorecard" : null, class: "report scorecard", "aria-labelledby": titleId },
+    reportHead("Interview scorecard", titleId,
+      overallRing(overall)),
+    questions.length > 0 && h("section", { class: "report-section" },
+      h("h4", {}, "Questions"),
+      h("ol", { class: "score-bars" }, questions.map((q, i) => {
+        const score = clampScore(q.score);
+        const fill = h("span", { class: "bar-fill", dataset: { band: scoreBand(score) } });
+        fill.style.width = `${(score ?? 0) * 10}%`;
+        return h("li", { class: "score-row" },
+          h("span", { class: "q-number", "aria-hidden": "true" }, `Q${i + 1}`),
+          h("span", { class: "q-text", dir: "auto", title: text(q.question) || null }, text(q.question) || `Question ${i + 1}`),
+          h("span", { class: "bar", "aria-hidden": "true" }, fill),
+          h("span", { class: "q-score" }, score === null ? "–" : formatNumber(score), srOnly(score === null ? " not scored" : " out of 10")));
+      }))),
+    h("div", { class: "report-columns" },
+      bulletSection("Strengths", texts(sc.strengths), "good"),
+      bulletSection("To improve", texts(sc.improvements), "missing")),
+    deliveryText && h("section", { class: "report-section" }, h("h4", {}, "Delivery"), h("p", { class: "delivery-summary" }, deliveryText)),
+    sourceNote(sc),
+    reportOpenButton("scorecard", "View full scorecard", inPanel));
+}
+
+function summaryCard(sm, inPanel) {
+  const corrections = Array.isArray(sm.corrections) ? sm.corrections.filter((c) => c && text(c.corrected)) : [];
+  const vocabulary = Array.isArray(sm.vocabulary) ? sm.vocabulary.filter((v) => v && text(v.word)) : [];
+  const language = languageName(sm.language);
+  const level = text(sm.level);
+  const titleId = inPanel ? "session-summary-title" : "report-dialog-title";
+
+  return h("article", { id: inPanel ? "session-summary" : null, class: "report summary", "aria-labelledby": titleId },
+    reportHead(language ? `${language} session summary` : "Session summary", titleId,
+      level && h("p", { class: "level-badge", title: "Your level" }, srOnly("Level "), level)),
+    corrections.length > 0 && h("section", { class: "report-section" },
+      h("h4", {}, "Corrections"),
+      h("ul", { class: "summary-corrections" }, corrections.map((c) => h("li", { class: "summary-correction" }, correctionBody(c))))),
+    vocabulary.length > 0 && h("section", { class: "report-section" },
+      h("h4", {}, "New words"),
+      h("dl", { class: "vocabulary-list" }, vocabulary.map(vocabularyItem))),
+    bulletSection("Suggestions", texts(sm.suggestions), "suggestions"),
+    !corrections.length && !vocabulary.length && !texts(sm.suggestions).length &&
+      h("p", { class: "hint" }, "Nothing to correct this time."),
+    sourceNote(sm),
+    reportOpenButton("summary", "View full summary", inPanel));
+}
+
+const REPORTS = { scorecard: scorecardCard, summary: summaryCard };
+const reportFocus = { returnTo: null };
+
+function showReport(kind, payload) {
+  rememberFeedback(payload);
+  const card = REPORTS[kind](payload, true);
+  const old = els.reportSlot.querySelector(`#${card.id}`);
+  if (old) old.replaceWith(card);
+  else els.reportSlot.prepend(card);
+  openReportDialog(kind, payload);
+}
+
+function openReportDialog(kind, payload) {
+  const dialog = els.reportDialog;
+  els.reportDialogBody.replaceChildren(REPORTS[kind](payload, false));
+  if (!dialog.open) {
+    reportFocus.returnTo = document.activeElement;
+    dialog.showModal();
+  }
+  dialog.dataset.report = kind;
+  els.reportDialogBody.scrollTop = 0;
+  $("report-dialog-title")?.focus();
+}
+
+function onReportDialogClose() {
+  const kind = els.reportDialog.dataset.report;
+  els.reportDialogBody.replaceChildren();
+  // Back where the person was; if that control is gone or disabled, to the report in the panel.
+  const back = reportFocus.returnTo;
+  reportFocus.returnTo = null;
+  if (back?.isConnected && back !== document.body && !back.disabled && back.offsetParent !== null) {
+    back.focus();
+  } else {
+    $(kind === "summary" ? "session-summary-title" : "scorecard-title")?.focus();
+  }
+}
+
+// --- End session: ask the agent to wrap up; the report itself comes as a server message
+
+function endSession() {
+  const s = session;
+  if (!s || s.endRequest) return;
+  const id = sendRtvi(s, "client-message", { t: "end-session", d: {} });
+  if (!id) {
+    showError("Not connected: could not end the session.");
+    return;
+  }
+  clearError();
+  s.endRequest = {
+    id,
+    timer: setTimeout(() => {
+      if (!alive(s) || s.endRequest?.id !== id) return;
+      finishEndRequest(s);
+      showError("The agent did not send its feedback in time. Press End session to try again.");
+    }, END_SESSION_TIMEOUT_MS),
+  };
+  updateControls();
+}
+
+function finishEndRequest(s) {
+  if (!s?.endRequest) return;
+  clearTimeout(s.endRequest.timer);
+  s.endRequest = null;
+  updateControls();
 }
 
 // ---------------------------------------------------------------------------
@@ -508,10 +995,12 @@ function alive(s) {
   return s === session && !s.closed;
 }
 
+// The message's id when it was sent, false when the channel is not open.
 function sendRtvi(s, type, data) {
   if (!s?.dc || s.dc.readyState !== "open") return false;
-  s.dc.send(JSON.stringify({ label: "rtvi-ai", type, id: randomId(), data }));
-  return true;
+  const id = randomId();
+  s.dc.send(JSON.stringify({ label: "rtvi-ai", type, id, data }));
+  return id;
 }
 
 function waitForIceGathering(pc, timeoutMs) {
@@ -584,6 +1073,12 @@ async function start() {
   if (!room) {
     showError("Enter a room id, or press ↻ for a new one.");
     els.room.focus();
+    return;
+  }
+  const invalid = invalidOption();
+  if (invalid) {
+    showError(invalid.message);
+    invalid.control.focus();
     return;
   }
   save({ persona, options });
@@ -679,6 +1174,8 @@ function closeSession(s) {
   dropInterim();
   endAgentBubble();
   transcript.pendingMetrics = null;
+  clearTimeout(s.endRequest?.timer);
+  s.endRequest = null;
   setAgentState("idle");
   updateControls();
 }
@@ -736,6 +1233,10 @@ function onChannelMessage(s, raw) {
   } catch {
     return; // e.g. "ping: …" keep-alives
   }
+  handleMessage(s, msg);
+}
+
+function handleMessage(s, msg) {
   if (!msg || typeof msg !== "object") return;
   if (msg.type === "signalling" && msg.label === undefined) {
     handleSignalling(s, msg.message);
@@ -826,8 +1327,14 @@ function handleRtvi(s, msg) {
       handleServerMessage(s, data);
       break;
 
+    case "server-response":
+      // The answer to End session carries the report too, but it is drawn from the
+      // scorecard or summary server message that comes with it.
+      break;
+
     case "error":
     case "error-response":
+      if (msg.type === "error-response") finishEndRequest(s);
       showError(`Agent error: ${data.error || "unknown error"}`);
       if (data.fatal) {
         closeSession(s);
@@ -859,6 +1366,26 @@ function handleServerMessage(s, data) {
       break;
     case "notice":
       if (payload.text) addNotice(String(payload.text));
+      break;
+    case "delivery":
+      showDelivery(payload);
+      break;
+    case "feedback":
+      showFeedback(payload);
+      break;
+    case "correction":
+      showCorrection(payload);
+      break;
+    case "vocabulary":
+      showVocabulary(payload);
+      break;
+    case "scorecard":
+    case "summary":
+      finishEndRequest(s);
+      showReport(payload.type, payload);
+      break;
+    case "session-ended":
+      addNotice("Session complete").title = text(payload.reason);
       break;
     default:
       break;
@@ -899,6 +1426,23 @@ function init() {
   });
   els.persona.addEventListener("change", () => renderPersonaOptions());
   els.textForm.addEventListener("submit", sendTypedText);
+  els.endSession.addEventListener("click", endSession);
+  els.reportSlot.addEventListener("click", (event) => {
+    const kind = event.target.closest(".report-open")?.dataset.report;
+    const payload = kind && parley.feedback.findLast((f) => f.type === kind);
+    if (payload) openReportDialog(kind, payload);
+  });
+  els.reportDialog.addEventListener("close", onReportDialogClose);
+  els.reportDialog.addEventListener("click", (event) => {
+    if (event.target.closest("[data-close]")) {
+      els.reportDialog.close();
+      return;
+    }
+    // A click on the backdrop, outside the dialog's box, closes it too.
+    const box = els.reportDialog.getBoundingClientRect();
+    const inside = event.clientX >= box.left && event.clientX <= box.right && event.clientY >= box.top && event.clientY <= box.bottom;
+    if (event.target === els.reportDialog && !inside) els.reportDialog.close();
+  });
   window.addEventListener("pagehide", () => closeSession(session));
 
   setAgentState("idle");
