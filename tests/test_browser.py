@@ -247,3 +247,40 @@ async def test_unchanged_pipecat_client_sdk_talks_to_parley(parley_server, brows
             "bot-tts-text", "metrics"} <= set(state["events"]), state["events"]
 
     await page.screenshot(path=str(artifacts / "pipecat.png"), full_page=True)
+
+
+async def test_page_shows_feedback_and_the_scorecard(parley_server, browser_page, artifacts):
+    def reply(body):
+        name = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+        if name == "answer_feedback":
+            return json.dumps({"score": 8, "good": ["A concrete example."], "missing": ["The measured result."],
+                               "better_answer": "Situation, task, action, then the result in numbers.",
+                               "star": {"situation": True, "task": True, "action": True, "result": False}})
+        if name == "scorecard":
+            return json.dumps({"strengths": ["Clear examples."], "improvements": ["Quantify results."]})
+        return "Thank you."
+    parley_server.llm.reply_for = reply
+    bp, page = browser_page, browser_page.page
+    await page.goto(f"{parley_server.url}/?room=report-{uuid.uuid4().hex[:8]}")
+    await bp.wait("!document.getElementById('start').disabled", "the personas to load", 10, diagnostics=PARLEY_DIAGNOSTICS)
+    await page.fill("#option-questions", "1")
+    await page.click("#start")
+    await bp.wait("document.body.dataset.botReady === 'yes'", "bot-ready", 15, diagnostics=PARLEY_DIAGNOSTICS)
+    await page.fill("#text-input", "In my last team I led the migration to PostgreSQL and we finished early.")
+    await page.click("#send")
+    await bp.wait("document.querySelector('#transcript .delivery') !== null", "delivery chips under the answer", 15,
+                  diagnostics=PARLEY_DIAGNOSTICS)
+    await bp.wait("!document.getElementById('end-session').disabled", "End session enabled", 10,
+                  diagnostics=PARLEY_DIAGNOSTICS)
+    await page.click("#end-session")
+    await bp.wait("document.querySelector('#scorecard .overall-score')?.textContent.trim() === '8'",
+                  "the scorecard with the overall score", 20, diagnostics=PARLEY_DIAGNOSTICS)
+    users = await page.evaluate("[...document.querySelectorAll('#transcript .line.user')].map(e => e.textContent)")
+    assert users == ["In my last team I led the migration to PostgreSQL and we finished early."], users  # no echo twice
+    card = await page.evaluate("""() => ({
+        feedback: [...document.querySelectorAll('#feedback-panel .feedback-card')].map(e => e.innerText),
+        scorecard: document.getElementById('scorecard').innerText,
+    })""")
+    assert any("A concrete example." in f and "The measured result." in f for f in card["feedback"]), card
+    assert "Clear examples." in card["scorecard"] and "Quantify results." in card["scorecard"], card
+    await page.screenshot(path=str(artifacts / "scorecard.png"), full_page=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -195,3 +196,46 @@ async def test_unavailable_speech_model_is_announced_and_typing_still_works(parl
     finally:
         engines.stt_status = saved
         await c.close()
+
+
+async def test_teacher_corrections_and_interview_scorecard_travel_over_the_data_channel(parley_server):
+    def reply(body):
+        name = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+        if name == "corrections":
+            return json.dumps({"corrections": [{"original": "je suis allé au le marché", "corrected": "je suis allé au marché",
+                                                "explanation": "au already means à + le"}], "vocabulary": []})
+        if name == "suggestions":
+            return json.dumps({"suggestions": ["Revise contractions: au, aux, du, des."]})
+        if name == "answer_feedback":
+            return json.dumps({"score": 7, "good": ["Concrete."], "missing": ["Numbers."], "better_answer": "Add results.",
+                               "star": None})
+        if name == "scorecard":
+            return json.dumps({"strengths": ["Clear."], "improvements": ["Quantify."]})
+        return "D'accord, et qu'est-ce que tu as acheté ?"
+    parley_server.llm.reply_for = reply
+    teacher = Client(parley_server.url, np.zeros(16000, np.float32), persona="teacher",
+                     options={"language": "fr", "level": "A2"})
+    interview = Client(parley_server.url, np.zeros(16000, np.float32), persona="interviewer", options={"questions": 1})
+    try:
+        await asyncio.gather(teacher.connect(), interview.connect())
+        await asyncio.gather(teacher.wait_for(lambda c: c.of("bot-ready")), interview.wait_for(lambda c: c.of("bot-ready")))
+        teacher.send("send-text", {"content": "Hier je suis allé au le marché."})
+        await teacher.wait_for(lambda c: any(m["data"].get("type") == "correction" for m in c.of("server-message")))
+        [correction] = [m["data"] for m in teacher.of("server-message") if m["data"].get("type") == "correction"]
+        assert correction["corrected"] == "je suis allé au marché"
+        teacher.send("client-message", {"t": "end-session", "d": {}})
+        await teacher.wait_for(lambda c: c.of("server-response"))
+        summary = teacher.of("server-response")[0]["data"]
+        assert summary["t"] == "end-session" and summary["d"]["suggestions"] == ["Revise contractions: au, aux, du, des."]
+
+        interview.send("send-text", {"content": "In my last job I led the migration of our billing service, "
+                                                "I planned it, wrote the scripts and we finished two weeks early."})
+        await interview.wait_for(lambda c: any(m["data"].get("type") == "delivery" for m in c.of("server-message")))
+        interview.send("client-message", {"t": "end-session", "d": {}})
+        await interview.wait_for(lambda c: any(m["data"].get("type") == "scorecard" for m in c.of("server-message")))
+        card = next(m["data"] for m in interview.of("server-message") if m["data"].get("type") == "scorecard")
+        assert card["overall_score"] == 7 and card["strengths"] == ["Clear."]
+        feedback = next(m["data"] for m in interview.of("server-message") if m["data"].get("type") == "feedback")
+        assert feedback["score"] == 7 and feedback["question_index"] == 0
+    finally:
+        await asyncio.gather(teacher.close(), interview.close())

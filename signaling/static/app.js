@@ -352,7 +352,11 @@ function makeEntry(who) {
 function addUserLine(text, { typed = false } = {}) {
   const { entry, line } = makeEntry("user");
   line.textContent = text;
-  if (typed) line.classList.add("typed");
+  if (typed) {
+    line.classList.add("typed");
+    // The server echoes typed text as a final transcription: that echo is this line, not a new one.
+    transcript.awaitingEcho = text.trim();
+  }
   appendEntry(entry);
   transcript.lastUserEntry = entry;
   endAgentBubble();
@@ -377,6 +381,10 @@ function showInterim(text) {
 
 function finalizeUserText(text) {
   clearTimeout(transcript.staleTimer);
+  if (!transcript.pending && transcript.awaitingEcho && text.trim() === transcript.awaitingEcho) {
+    transcript.awaitingEcho = null;
+    return;
+  }
   const pending = transcript.pending;
   transcript.pending = null;
   if (!text.trim()) {
