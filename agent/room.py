@@ -59,7 +59,8 @@ class Room:
         self.conversation = Conversation(
             stt=engines.stt, llm=self.runtime, tts=engines.tts, config=persona.config,
             vad_options=VADOptions(threshold=settings.vad_threshold,
-                                   endpoint_silence_ms=settings.vad_endpoint_silence_ms),
+                                   endpoint_silence_ms=persona.config.endpoint_silence_ms
+                                   or settings.vad_endpoint_silence_ms),
             turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
                                      partial_interval_s=settings.stt_partial_interval_s),
             emit=self._on_event, name=room_id,

@@ -238,7 +238,8 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
             {"role": role.id, "interview_type": kind, "difficulty": difficulty, "questions": len(questions),
              "corrections": corrections},
             ConversationConfig(system_prompt=system, language="en", stt_prompt=prompt or None,
-                               greeting=p.greeting.format(question=questions[0].text)),
+                               greeting=p.greeting.format(question=questions[0].text),
+                               endpoint_silence_ms=p.endpoint_silence_ms),
             p, questions, role=role)
     assert isinstance(p, TeacherPersona)
     langs = list(catalog.languages.values())
@@ -250,5 +251,6 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
                                      topic=f" (they chose: {topic})" if topic else "")
     return PersonaSession(
         p.id, p.kind, {"language": lang.id, "level": level.id, "native_language": native.id, "topic": topic},
-        ConversationConfig(system_prompt=system, language=lang.id, greeting=lang.greeting),
+        ConversationConfig(system_prompt=system, language=lang.id, greeting=lang.greeting,
+                           endpoint_silence_ms=p.endpoint_silence_ms),
         p, language=lang, native=native)

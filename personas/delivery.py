@@ -11,7 +11,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 HEALTHY_WPM = (120, 160)
-LONG_PAUSE_S = 2.0  # a pause this long mid-answer reads as losing the thread
+# A silence this long mid-answer reads as losing the thread. It must stay below the persona's
+# endpoint silence, or the pause would end the turn instead of being counted.
+LONG_PAUSE_S = 1.0
 # Single-word fillers; "like" and "so" only count as fillers in the positions below.
 _FILLERS = {"um", "umm", "uh", "uhh", "erm", "er", "ah", "hmm", "mm"}
 _PHRASES = ("you know", "i mean", "sort of", "kind of")

@@ -58,6 +58,7 @@ class InterviewRuntime:
         self._timings: dict[str, tuple[float | None, list[float]]] = {}
         self._acks = itertools.cycle(_ACKS)
         self._scorecard_lock = asyncio.Lock()
+        self._told_offline = False
 
     @property
     def hint_after_s(self) -> float:
@@ -87,14 +88,20 @@ class InterviewRuntime:
         if self.base is None:
             text = offline
         else:
-            text = None
+            text, produced = None, False
             try:
                 async for delta in self.base.stream([*messages, {"role": "system", "content": instruction}]):
+                    produced = True
                     yield delta
-            except LLMError:
-                if kind != "closing":
-                    raise  # the conversation speaks its fallback line; the flow state stays as decided
-                text = offline  # the closing must still be said, and the scorecard still made
+            except LLMError as e:
+                if produced:
+                    raise  # half a line was spoken: the conversation handles it
+                # Unreachable LLM: carry on from the question bank rather than stall the interview.
+                text = offline
+                if not self._told_offline:
+                    self._told_offline = True
+                    self._emit({"type": "notice", "text": f"The language model is unavailable ({e}); "
+                                                          "continuing from the question bank."})
         if text is not None:
             for word in text.split(" "):
                 yield word + " "

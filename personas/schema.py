@@ -72,6 +72,7 @@ class InterviewerPersona(_Strict):
     max_questions: int = Field(25, ge=1, le=25)  # the hard cap
     max_follow_ups: int = Field(1, ge=0, le=3)  # per question
     hint_after_s: float = Field(20.0, gt=0)  # silence after a question before a hint
+    endpoint_silence_ms: int | None = Field(None, ge=200, le=3000)  # end of an answer
     greeting: str  # {question}
     stt_prompt: str | None = None
     stuck_phrases: list[str] = Field(default_factory=list)
@@ -98,6 +99,7 @@ class TeacherPersona(_Strict):
     default_language: str
     default_native_language: str = "en"
     default_level: str
+    endpoint_silence_ms: int | None = Field(None, ge=200, le=3000)  # learners pause to find words
     levels: list[Level] = Field(min_length=1)
     prompts: TeacherPrompts
 

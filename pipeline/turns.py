@@ -36,3 +36,6 @@ class ConversationConfig:
     stt_prompt: str | None = None  # vocabulary hints for Whisper
     voice: str | None = None  # TTS voice; None: the engine's voice for ``language``
     greeting: str | None = None  # spoken when the conversation starts
+    # Silence that ends a turn, when the persona wants other than the server default: people
+    # answering an interview question pause to think mid-answer.
+    endpoint_silence_ms: int | None = None

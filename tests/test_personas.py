@@ -352,3 +352,33 @@ async def test_teacher_sends_corrections_vocabulary_and_a_summary(fake_llm, even
         await conv.aclose()
         await runtime.aclose()
         await client.aclose()
+
+
+async def test_an_unreachable_llm_does_not_stall_the_interview(event_log):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # closed as soon as we leave: connection refused
+    session = build("interviewer", {"questions": 2}, seed=5)
+    sent: list[dict] = []
+    client = llm(dead, retries=0)
+    runtime = make_runtime(session, client, client, sent.append)
+    conv = make_conv(session, runtime, event_log)
+    try:
+        await run_typed_interview(conv, event_log, [good(session.questions[0])])
+        spoken = " ".join(e.text for e in event_log.of(F.BotText) if e.spoken)
+        assert session.questions[1].text in spoken  # asked from the bank
+        notice = next(m for m in sent if m["type"] == "notice")
+        assert "language model is unavailable" in notice["text"] and "question bank" in notice["text"]
+        card = await runtime.finish()
+        assert card["questions"][0]["score"] is not None and "unavailable" in card["note"]
+    finally:
+        await conv.aclose()
+        await runtime.aclose()
+        await client.aclose()
+
+
+def test_personas_set_their_own_turn_endpoint():
+    assert build("interviewer", {}).config.endpoint_silence_ms == 1400
+    assert build("teacher", {}).config.endpoint_silence_ms == 1200

@@ -176,6 +176,7 @@ async def test_rest_api_personas_page_docs_and_room_state(parley_server):
             # The teacher speaks German: Whisper and the voice follow the persona's language.
             room = parley_server.app_state.rooms.rooms["api-room"]
             assert room.conversation.config.language == "de"
+            assert room.conversation.vad_options.endpoint_silence_ms == 1200  # the teacher's, not the default
         finally:
             await c.close()
 
