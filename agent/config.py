@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     tts: str = Field("edge", pattern="^(edge|espeak)$")
     tts_voice: str | None = None
 
+    personas_dir: str | None = None  # a folder laid out like personas/data; None: the packaged personas
+
     database_url: str | None = None
 
     # Rooms

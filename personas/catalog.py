@@ -101,12 +101,19 @@ def load_catalog(root: Path | None = None) -> Catalog:
     return Catalog(personas, roles, languages)
 
 
+_data_dir: Path | None = None
+
+
+def use_data_dir(root: str | Path | None) -> None:
+    """Serve personas from ``root`` (None: the packaged ones) from now on."""
+    global _data_dir
+    _data_dir = Path(root) if root else None
+    get_catalog.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def get_catalog() -> Catalog:
-    import os
-
-    root = os.environ.get("PARLEY_PERSONAS_DIR")
-    return load_catalog(Path(root) if root else None)
+    return load_catalog(_data_dir)
 
 
 def _choices(items) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from agent.config import Settings, get_settings
 from agent.engines import Engines, build_engines
 from agent.room import RoomError, RoomManager
-from personas.catalog import get_catalog, list_personas
+from personas.catalog import get_catalog, list_personas, use_data_dir
 from pipeline.metrics import summarize
 
 from .limits import BodySizeLimit
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        use_data_dir(settings.personas_dir)
         get_catalog()  # a malformed persona file stops start-up with the file and field named
         eng = engines or build_engines(settings)
         app.state.engines = eng
