@@ -382,3 +382,19 @@ async def test_an_unreachable_llm_does_not_stall_the_interview(event_log):
 def test_personas_set_their_own_turn_endpoint():
     assert build("interviewer", {}).config.endpoint_silence_ms == 1400
     assert build("teacher", {}).config.endpoint_silence_ms == 1200
+
+
+async def test_a_bad_persona_file_stops_server_start_up(data_copy):
+    from agent.config import Settings
+    from personas.catalog import use_data_dir
+    from signaling.app import create_app
+
+    path = data_copy / "questions" / "hr.yaml"
+    path.write_text(path.read_text().replace("kind: technical", "kind: trivia", 1))
+    app = create_app(Settings(personas_dir=str(data_copy), tts="espeak", _env_file=None))
+    try:
+        with pytest.raises(PersonaFileError, match=r"hr\.yaml: questions\.\d+\.kind"):
+            async with app.router.lifespan_context(app):
+                pass
+    finally:
+        use_data_dir(None)
