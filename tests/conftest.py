@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline.audio import load_audio  # noqa: E402
+from pg import postgres_url  # noqa: E402,F401  (session fixture: a throwaway PostgreSQL server)
 
 
 def cache_dir() -> Path:
@@ -98,7 +99,7 @@ def loopback_ice(monkeypatch):
 
 
 @pytest.fixture
-async def parley_server(tiny_whisper_path, fake_llm, loopback_ice):
+async def parley_server(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
     """A real ``parley serve`` (uvicorn + FastAPI) on a free loopback port, in this event loop."""
     import socket
 
@@ -112,7 +113,9 @@ async def parley_server(tiny_whisper_path, fake_llm, loopback_ice):
         port = s.getsockname()[1]
     settings = Settings(host="127.0.0.1", port=port, stt_model=str(tiny_whisper_path), stt_device="cpu",
                         stt_max_new_tokens=12, llm_base_url=fake_llm.url, llm_api_key="test", llm_model="test-model",
-                        tts="espeak", room_grace_s=2.0, _env_file=None)
+                        tts="espeak", room_grace_s=2.0, database_url=f"sqlite+aiosqlite:///{tmp_path}/parley.db",
+                        audio_dir=str(tmp_path / "audio"),
+                        _env_file=None)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.get_running_loop().create_task(server.serve())
