@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     personas_dir: str | None = None  # a folder laid out like personas/data; None: the packaged personas
 
     database_url: str | None = None
+    # Recordings of answers, only for sessions that opted in; deleted after this many days.
+    audio_retention_days: int = Field(30, ge=1)
+    audio_dir: str | None = None  # default: "audio" under the user's data directory
+
+    @property
+    def audio_path(self) -> Path:
+        return Path(self.audio_dir) if self.audio_dir else data_dir() / "audio"
 
     # Rooms
     max_rooms: int = 50

@@ -7,6 +7,7 @@ cancelled and awaited.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -25,6 +26,9 @@ from pipeline.vad import VADOptions
 from . import rtvi
 from .config import Settings
 from .engines import Engines
+from .recorder import Recorder
+from .store import Store
+from .store.db import new_token
 from .peer import Peer, SignalingError
 
 log = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ class RoomError(Exception):
 
 class Room:
     def __init__(self, room_id: str, persona: PersonaSession, settings: Settings, engines: Engines,
-                 on_empty: "callable"):
+                 on_empty: "callable", recorder: Recorder | None = None):
         self.id = room_id
         self.persona = persona
         self.settings = settings
@@ -53,9 +57,9 @@ class Room:
         self._tasks = TaskSet(room_id)
         self._closed = False
         self._hint_timer: asyncio.TimerHandle | None = None
+        self.recorder = recorder
         # The persona is the conversation's LLM: it decides each turn and calls the real one.
-        self.runtime = make_runtime(persona, engines.llm, engines.llm,
-                                    lambda payload: self.send(rtvi.server_message(payload)))
+        self.runtime = make_runtime(persona, engines.llm, engines.llm, self._on_persona)
         self.conversation = Conversation(
             stt=engines.stt, llm=self.runtime, tts=engines.tts, config=persona.config,
             vad_options=VADOptions(threshold=settings.vad_threshold,
@@ -121,8 +125,15 @@ class Room:
     def _on_event(self, ev: F.Event) -> None:
         for msg in rtvi.from_event(ev):
             self.send(msg)
+        if self.recorder is not None:
+            self.recorder.on_event(ev)
         self.runtime.on_event(ev)
         self._watch_silence(ev)
+
+    def _on_persona(self, payload: dict[str, Any]) -> None:
+        self.send(rtvi.server_message(payload))
+        if self.recorder is not None:
+            self.recorder.on_persona(payload)
 
     def _watch_silence(self, ev: F.Event) -> None:
         """A question followed by a long silence gets a hint, if the persona wants one."""
@@ -154,8 +165,10 @@ class Room:
         match msg.type:
             case "client-ready":
                 self._client_ready = True
-                peer.send(json.dumps(rtvi.bot_ready({"library": "parley", "room": self.id,
-                                                     "persona": self.persona.persona, **self.persona.options})))
+                about = {"library": "parley", "room": self.id, "persona": self.persona.persona, **self.persona.options}
+                if self.recorder is not None:
+                    about["session_id"] = self.recorder.session_id  # for the report page link
+                peer.send(json.dumps(rtvi.bot_ready(about)))
                 peer.send(json.dumps(rtvi.server_message({"type": "state", "state": self.conversation.state.value})))
                 if self.engines.stt_status.startswith("error"):
                     peer.send(json.dumps(rtvi.server_message({
@@ -194,20 +207,23 @@ class Room:
             await peer.close()
         await self.conversation.aclose()
         await self.runtime.aclose()
+        if self.recorder is not None:
+            await self.recorder.close("completed")
         self.closed.set()
         self._log.info("room closed after %d turns", sum(1 for m in self.conversation.history if m["role"] == "user"))
 
 
 class RoomManager:
-    def __init__(self, settings: Settings, engines: Engines):
+    def __init__(self, settings: Settings, engines: Engines, store: Store | None = None):
         self.settings = settings
         self.engines = engines
+        self.store = store
         self.rooms: dict[str, Room] = {}
         self.peers: dict[str, tuple[Peer, Room]] = {}
         self._lock = asyncio.Lock()
 
     async def offer(self, sdp: str, type_: str, pc_id: str | None, restart: bool, room_id: str | None,
-                    persona: str | None, options: dict[str, Any]) -> dict[str, str]:
+                    persona: str | None, options: dict[str, Any], user_token: str | None = None) -> dict[str, str]:
         if not isinstance(sdp, str) or not sdp.strip():
             raise RoomError(400, "the offer needs a non-empty 'sdp'")
         async with self._lock:  # one signaling change at a time keeps room/peer maps consistent
@@ -220,7 +236,7 @@ class RoomManager:
             else:
                 room = self.rooms.get(room_id or "") if room_id else None
                 if room is None:
-                    room = self._create_room(room_id, persona, options)
+                    room = await self._create_room(room_id, persona, options, user_token)
             peer = room.new_peer(pc_id or uuid.uuid4().hex)
             return await self._answer(peer, room, sdp, type_, fresh=True)
 
@@ -238,7 +254,8 @@ class RoomManager:
             await room.attach(peer)
         return {"sdp": answer.sdp, "type": answer.type, "pc_id": peer.pc_id}
 
-    def _create_room(self, room_id: str | None, persona: str | None, options: dict[str, Any]) -> Room:
+    async def _create_room(self, room_id: str | None, persona: str | None, options: dict[str, Any],
+                           user_token: str | None) -> Room:
         if room_id is not None and not ROOM_ID.match(room_id):
             raise RoomError(400, "room ids are 1-64 letters, digits, '.', '_' or '-'")
         if len(self.rooms) >= self.settings.max_rooms:
@@ -247,10 +264,29 @@ class RoomManager:
             session = build(persona, options)
         except ValueError as e:
             raise RoomError(400, str(e)) from e
-        room = Room(room_id or uuid.uuid4().hex[:12], session, self.settings, self.engines, self._drop)
+        room_id = room_id or uuid.uuid4().hex[:12]
+        recorder = None
+        if self.store is not None:
+            # Without a token the conversation is still saved, under a fresh anonymous user.
+            user_id = await self.store.user(user_token or new_token())
+            session = await self._with_history(session, user_id)
+            recorder = Recorder(self.store, user_id, room_id, session, audio_dir=self.settings.audio_path)
+        room = Room(room_id, session, self.settings, self.engines, self._drop, recorder)
         self.rooms[room.id] = room
         log.info("room %s opened (%s %s)", room.id, session.persona, session.options)
         return room
+
+    async def _with_history(self, session: PersonaSession, user_id: int) -> PersonaSession:
+        """Feedback builds on history: past weaknesses for this role go into the interviewer's prompt."""
+        if session.kind != "interviewer" or session.role is None:
+            return session
+        weak = await self.store.weaknesses(user_id, session.role.id)
+        if not weak:
+            return session
+        note = (" In this candidate's previous interviews for this role the feedback said: " + " | ".join(weak) +
+                " Notice whether they have improved on these, and probe them with your follow-ups.")
+        return dataclasses.replace(session, config=dataclasses.replace(
+            session.config, system_prompt=session.config.system_prompt + note))
 
     async def add_candidates(self, pc_id: str, candidates: list[dict[str, Any]]) -> None:
         entry = self.peers.get(pc_id)

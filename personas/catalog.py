@@ -120,6 +120,10 @@ def _choices(items) -> list[dict[str, str]]:
     return [{"id": i.id, "label": i.label} for i in items]
 
 
+RECORD_AUDIO = {"name": "record_audio", "label": "Save recordings of my answers", "type": "boolean", "default": False,
+                "help": "Off by default. Kept on this server for a limited time, then deleted."}
+
+
 def list_personas(catalog: Catalog | None = None) -> list[dict[str, Any]]:
     """The personas and their options, as the web page renders them."""
     catalog = catalog or get_catalog()
@@ -137,6 +141,7 @@ def list_personas(catalog: Catalog | None = None) -> list[dict[str, Any]]:
                  "min": 1, "max": p.max_questions},
                 {"name": "corrections", "label": "Grammar and wording corrections", "type": "boolean",
                  "default": False, "help": "For non-native speakers: corrections appear next to your answers."},
+                RECORD_AUDIO,
             ]
         else:
             langs = [{"id": lang.id, "label": f"{lang.label} ({lang.native_label})"} for lang in catalog.languages.values()]
@@ -147,6 +152,7 @@ def list_personas(catalog: Catalog | None = None) -> list[dict[str, Any]]:
                 {"name": "native_language", "label": "Explain words in", "type": "choice",
                  "default": p.default_native_language, "choices": langs},
                 {"name": "topic", "label": "Topic (optional)", "type": "text", "default": ""},
+                RECORD_AUDIO,
             ]
         out.append({"id": p.id, "name": p.name, "description": p.description, "kind": p.kind, "options": options})
     return out
@@ -243,7 +249,7 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
         return PersonaSession(
             p.id, p.kind,
             {"role": role.id, "interview_type": kind, "difficulty": difficulty, "questions": len(questions),
-             "corrections": corrections},
+             "corrections": corrections, "record_audio": _flag(options.get("record_audio", False))},
             ConversationConfig(system_prompt=system, language="en", stt_prompt=prompt or None,
                                greeting=p.greeting.format(question=questions[0].text),
                                endpoint_silence_ms=p.endpoint_silence_ms),
@@ -257,7 +263,8 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
     system = p.prompts.system.format(language=lang.label, level=level.id, style=level.style, native=native.label,
                                      topic=f" (they chose: {topic})" if topic else "")
     return PersonaSession(
-        p.id, p.kind, {"language": lang.id, "level": level.id, "native_language": native.id, "topic": topic},
+        p.id, p.kind, {"language": lang.id, "level": level.id, "native_language": native.id, "topic": topic,
+                       "record_audio": _flag(options.get("record_audio", False))},
         ConversationConfig(system_prompt=system, language=lang.id, greeting=lang.greeting,
                            endpoint_silence_ms=p.endpoint_silence_ms),
         p, language=lang, native=native)

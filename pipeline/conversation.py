@@ -21,7 +21,7 @@ import numpy as np
 
 from .audio import InputConverter, StreamResampler, float_to_int16
 from .frames import (
-    OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotStartedSpeaking, BotStoppedSpeaking, BotText,
+    OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotTurnEnded, BotStartedSpeaking, BotStoppedSpeaking, BotText,
     ErrorEvent, Event, StateChanged, Transcript, TurnMetrics, UserStartedSpeaking, UserStoppedSpeaking,
 )
 from .llm import LLM, LLMError
@@ -238,14 +238,16 @@ class Conversation:
             # A newer utterance was already decided while this one was transcribed: keep the words,
             # and let the newer turn's reply answer both instead of starting one only to cut it off.
             self.history.append({"role": "user", "content": text})
-            self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses))
+            self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses,
+                                    audio=ev.audio))
             return
         if not text:
             if self._reply is None and not self.segmenter.speaking:
                 self._set_state(AgentState.LISTENING)
             return
         self._interrupt()  # a reply still thinking is superseded by this newer turn
-        self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses))
+        self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses,
+                                    audio=ev.audio))
         self._start_reply(text, reply)
 
     # ------------------------------------------------------------------ replies
@@ -399,6 +401,7 @@ class Conversation:
         full = " ".join(reply.text).strip()
         if full:
             self.history.append({"role": "assistant", "content": full})
+            self._emit(BotTurnEnded(full))
         self.player.forget(reply.id)
         if reply.started_playing:
             self._emit(BotStoppedSpeaking())
@@ -422,6 +425,7 @@ class Conversation:
         full = " ".join(reply.text).strip()
         if heard:
             self.history.append({"role": "assistant", "content": heard, "interrupted": True})
+            self._emit(BotTurnEnded(heard, interrupted=True))
         if reply.started_playing:
             self._emit(BotInterrupted(spoken_text=heard, full_text=full))
             self._emit(BotStoppedSpeaking(interrupted=True))

@@ -73,6 +73,7 @@ class Transcript(Event):
     typed: bool = False
     speech_s: float | None = None  # finals: how long the person spoke (first to last voiced window)
     pauses: list[float] = field(default_factory=list)  # finals: silences inside the utterance (s)
+    audio: np.ndarray | None = field(default=None, repr=False)  # finals: the utterance, 16 kHz mono float32
 
 
 @dataclass(slots=True)
@@ -101,6 +102,14 @@ class BotInterrupted(Event):
 
     spoken_text: str
     full_text: str
+
+
+@dataclass(slots=True)
+class BotTurnEnded(Event):
+    """The agent's message as it entered the history: what was heard, and whether it was cut off."""
+
+    text: str
+    interrupted: bool = False
 
 
 @dataclass(slots=True)

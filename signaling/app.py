@@ -20,6 +20,7 @@ from agent.room import RoomError, RoomManager
 from personas.catalog import get_catalog, list_personas, use_data_dir
 from pipeline.metrics import summarize
 
+from .history import router as history_router
 from .limits import BodySizeLimit
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class OfferRequest(BaseModel):
     pc_id: str | None = Field(None, description="The connection to renegotiate or restart")
     restart_pc: bool = False
     requestData: dict[str, Any] | None = Field(
-        None, description="Parley options: {room, persona, options: {role, interview_type, language, level}}")
+        None, description="Parley options: {room, persona, options: {role, interview_type, language, level, ...},"
+                          " user_token}")
 
 
 class OfferAnswer(BaseModel):
@@ -52,6 +54,33 @@ class CandidatesRequest(BaseModel):
     candidates: list[IceCandidate] = Field(max_length=200)
 
 
+async def _open_store(settings: Settings):
+    """The database, migrated; sessions a killed process left 'active' are marked interrupted. A
+    database that cannot be opened leaves conversations working, without history."""
+    from agent.store import open_store
+
+    try:
+        store = await open_store(settings.database_url)
+    except Exception as e:
+        log.error("history disabled: cannot open the database: %s", e)
+        return None
+    if (n := await store.mark_interrupted()):
+        log.warning("%d session(s) were cut off by a previous shutdown; marked interrupted", n)
+    return store
+
+
+async def _expire_audio_forever(store, retention_days: int) -> None:
+    from agent.recorder import expire_audio
+
+    while True:
+        try:
+            if (n := await expire_audio(store, retention_days)):
+                log.info("deleted %d recording(s) past the %d-day retention", n, retention_days)
+        except Exception as e:  # a database hiccup must not end the sweeps
+            log.warning("recording retention sweep failed: %s", e)
+        await asyncio.sleep(6 * 3600)  # the sweep's period, not a wait for an event
+
+
 def create_app(settings: Settings | None = None, engines: Engines | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -61,14 +90,21 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         get_catalog()  # a malformed persona file stops start-up with the file and field named
         eng = engines or build_engines(settings)
         app.state.engines = eng
-        app.state.rooms = RoomManager(settings, eng)
-        warm = asyncio.create_task(eng.warm_up(), name="stt warm-up")
+        app.state.store = await _open_store(settings)
+        app.state.rooms = RoomManager(settings, eng, app.state.store)
+        background = [asyncio.create_task(eng.warm_up(), name="stt warm-up")]
+        if app.state.store is not None:
+            background.append(asyncio.create_task(
+                _expire_audio_forever(app.state.store, settings.audio_retention_days), name="audio retention"))
         try:
             yield
         finally:
-            warm.cancel()
-            await asyncio.gather(warm, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await app.state.rooms.close_all()
+            if app.state.store is not None:
+                await app.state.store.close()
             if engines is None:
                 await eng.aclose()
 
@@ -94,6 +130,15 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         return FileResponse(str(STATIC.joinpath("index.html")))
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.include_router(history_router)
+
+    @app.get("/history", include_in_schema=False)
+    async def history_page() -> FileResponse:
+        return FileResponse(str(STATIC.joinpath("history.html")))
+
+    @app.get("/sessions/{session_id}", include_in_schema=False)
+    async def report_page(session_id: str) -> FileResponse:
+        return FileResponse(str(STATIC.joinpath("report.html")))
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -119,9 +164,11 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
                                      "level": level}.items() if v is not None}
         options.update(data.get("options") or {})
         room_id = data.get("room") or data.get("room_id") or room
+        token = data.get("user_token")
         return await request.app.state.rooms.offer(
             body.sdp, body.type, body.pc_id, body.restart_pc,
-            str(room_id) if room_id is not None else None, data.get("persona") or persona, options)
+            str(room_id) if room_id is not None else None, data.get("persona") or persona, options,
+            user_token=str(token) if token else None)
 
     @app.patch("/api/offer")
     async def candidates(body: CandidatesRequest, request: Request) -> dict[str, str]:

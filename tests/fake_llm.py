@@ -36,6 +36,7 @@ class FakeLLM:
     url: str = ""
     _runner: web.AppRunner | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> "FakeLLM":
         app = web.Application()
@@ -60,9 +61,17 @@ class FakeLLM:
         except TimeoutError:
             pass
 
+    async def wait_requests(self, n: int, timeout: float = 10.0) -> None:
+        """Until ``n`` requests have arrived."""
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < n:
+                self._arrived.clear()
+                await self._arrived.wait()
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self._arrived.set()
         b = self.behaviour
         if b.hang:
             await self._release.wait()

@@ -56,8 +56,9 @@ class RecordingTrack(MediaStreamTrack):
 
 class Client:
     def __init__(self, base_url: str, audio16k: np.ndarray, room: str | None = None, persona: str = "interviewer",
-                 options: dict | None = None):
+                 options: dict | None = None, user_token: str | None = None):
         self.base_url, self.room, self.persona, self.options = base_url, room or uuid.uuid4().hex[:8], persona, options or {}
+        self.user_token = user_token
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.mic = RecordingTrack(audio16k)
         self.messages: list[dict] = []
@@ -77,7 +78,8 @@ class Client:
         async with httpx.AsyncClient(timeout=20) as http:
             r = await http.post(f"{self.base_url}/api/offer", json={
                 "sdp": self.pc.localDescription.sdp, "type": "offer", "pc_id": pc_id, "restart_pc": restart,
-                "requestData": {"room": self.room, "persona": self.persona, "options": self.options}})
+                "requestData": {"room": self.room, "persona": self.persona, "options": self.options,
+                                "user_token": self.user_token}})
         r.raise_for_status()
         answer = r.json()
         self.pc_id = answer["pc_id"]
