@@ -284,3 +284,52 @@ async def test_page_shows_feedback_and_the_scorecard(parley_server, browser_page
     assert any("A concrete example." in f and "The measured result." in f for f in card["feedback"]), card
     assert "Clear examples." in card["scorecard"] and "Quantify results." in card["scorecard"], card
     await page.screenshot(path=str(artifacts / "scorecard.png"), full_page=True)
+
+
+async def test_report_and_history_pages_draw_their_charts_for_stored_sessions(parley_server, browser_page, artifacts):
+    store = parley_server.app_state.store
+    token = "browser-report-token-0123456789abcdef"
+    user = await store.user(token)
+    ids = []
+    for n, scores in enumerate(([4, 5, 6], [6, 7, 7], [8, 8, 9])):
+        sid = await store.start_session(user, f"r{n}", "interviewer", "interviewer", {"role": "data-scientist"})
+        for i, score in enumerate(scores):
+            q = f"Question {i + 1} about models?"
+            await store.add_turn(sid, 2 * i + 1, "user", f"My answer {i}.", speech_s=20.0)
+            await store.add_turn(sid, 2 * i + 2, "agent", "Thanks.", metrics={"voice_to_voice_ms": 900 - 100 * n})
+            wpm = 120 + 10 * n + 2 * i
+            await store.add_evaluation(sid, "delivery", {"question_index": i, "words": wpm // 2, "speech_s": 30.0,
+                                                         "wpm": wpm, "pace": "ok", "healthy_wpm": [120, 160],
+                                                         "fillers": {"count": 3 - n, "per_minute": 9 - 3 * n, "words": {}},
+                                                         "long_pauses": 0, "longest_pause_s": 0.3})
+            await store.add_evaluation(sid, "feedback", {"question_index": i, "question": q, "answer": f"My answer {i}.",
+                                                         "score": score, "good": ["Clear."], "missing": ["Numbers."],
+                                                         "better_answer": "Add numbers.", "star": None, "source": "llm"})
+        await store.end_session(sid, "completed", {"overall_score": sum(scores) / 3, "questions": [
+            {"question": f"Question {i + 1} about models?", "score": s} for i, s in enumerate(scores)],
+            "strengths": ["Clear."], "improvements": ["Numbers."], "delivery": {"wpm": 130, "fillers_per_minute": 3},
+            "source": "llm", "note": None})
+        ids.append(sid)
+    bp, page = browser_page, browser_page.page
+    await page.add_init_script(f"localStorage.setItem('parley.userToken', {json.dumps(token)})")
+
+    await page.goto(f"{parley_server.url}/sessions/{ids[-1]}")
+    await bp.wait("document.body.dataset.ready === 'yes'", "the report to render", 20)
+    charts = await page.evaluate("""() => ['chart-answers', 'chart-answer-pace'].map(id => {
+        const canvas = document.querySelector('#' + id + ' canvas');
+        const chart = canvas && window.Chart && window.Chart.getChart(canvas);
+        return chart ? {id, points: chart.data.datasets[0].data.map(Number), w: canvas.width} : {id};
+    })""")
+    assert charts[0]["points"] == [8, 8, 9] and charts[0]["w"] > 100, charts
+    assert charts[1]["points"] == [140, 142, 144], charts
+    await page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+
+    await page.goto(f"{parley_server.url}/history?persona=interviewer&role=data-scientist")
+    await bp.wait("document.body.dataset.ready === 'yes'", "the history page to render", 20)
+    trend = await page.evaluate("""() => {
+        const c = window.Chart.getChart(document.querySelector('#chart-score canvas'));
+        return {scores: c.data.datasets[0].data.map(Number), statements: document.body.innerText};
+    }""")
+    assert trend["scores"] == [5, pytest.approx(6.67, abs=0.01), pytest.approx(8.33, abs=0.01)], trend["scores"]
+    assert "improved from 5 to 8.33" in trend["statements"]
+    await page.screenshot(path=str(artifacts / "history.png"), full_page=True)

@@ -1,6 +1,8 @@
 // Parley web client: one SmallWebRTC peer connection to the agent, RTVI messages on the
 // "chat" data channel. Plain ES module, no dependencies, works offline.
 
+import { userToken } from "./identity.js";
+
 const ICE_GATHERING_TIMEOUT_MS = 3000;
 const OFFER_TIMEOUT_MS = 30000;
 const METER_INTERVAL_MS = 50;
@@ -1135,7 +1137,8 @@ async function start() {
     if (!alive(s)) return;
 
     setStatus("Connecting…", "connecting");
-    s.requestData = { room, persona, options };
+    // The anonymous token lets the server file this session under this browser's history.
+    s.requestData = { room, persona, options, user_token: userToken() };
     const answer = await postOffer({
       sdp: pc.localDescription.sdp,
       type: pc.localDescription.type,
