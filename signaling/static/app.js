@@ -1,7 +1,10 @@
 // Parley web client: one SmallWebRTC peer connection to the agent, RTVI messages on the
 // "chat" data channel. Plain ES module, no dependencies, works offline.
 
-import { userToken } from "./identity.js";
+import {
+  $, correctionBody, deliveryLine, feedbackCard, h, metricsSpan, num, personaById, personas, scorecardCard, setCatalog,
+  srOnly, summaryCard, text, userToken, vocabularyItem,
+} from "./common.js";
 
 const ICE_GATHERING_TIMEOUT_MS = 3000;
 const OFFER_TIMEOUT_MS = 30000;
@@ -21,7 +24,6 @@ const STATE_LABELS = {
   speaking: "speaking",
 };
 
-const $ = (id) => document.getElementById(id);
 const els = {
   status: $("status"),
   error: $("error"),
@@ -74,7 +76,6 @@ const parley = {
 };
 window.parley = parley;
 
-let personas = [];
 let personasLoaded = false;
 let session = null;
 
@@ -134,13 +135,14 @@ function save(value) {
 // ---------------------------------------------------------------------------
 // Persona picker, rendered from whatever /api/personas describes
 
+// The list also goes to common.js's catalog, where the reports look up language names.
 async function loadPersonas() {
   try {
     const res = await fetch("/api/personas", { headers: { Accept: "application/json" } });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const body = await res.json();
-    personas = Array.isArray(body?.personas) ? body.personas : [];
-    if (!personas.length) throw new Error("the server offers no persona");
+    setCatalog(Array.isArray(body?.personas) ? body.personas : []);
+    if (!personas().length) throw new Error("the server offers no persona");
   } catch (err) {
     els.persona.replaceChildren(new Option("Unavailable", ""));
     showError(`Could not load personas (${errorMessage(err)}). Reload the page to try again.`);
@@ -148,14 +150,14 @@ async function loadPersonas() {
   }
   personasLoaded = true;
   const saved = loadSaved();
-  els.persona.replaceChildren(...personas.map((p) => new Option(p.name || p.id, p.id)));
-  if (personas.some((p) => p.id === saved.persona)) els.persona.value = saved.persona;
+  els.persona.replaceChildren(...personas().map((p) => new Option(p.name || p.id, p.id)));
+  if (personas().some((p) => p.id === saved.persona)) els.persona.value = saved.persona;
   renderPersonaOptions(saved.persona === els.persona.value ? saved.options : undefined);
   updateControls();
 }
 
 function currentPersona() {
-  return personas.find((p) => p.id === els.persona.value);
+  return personaById(els.persona.value);
 }
 
 function optionType(option) {
@@ -455,30 +457,9 @@ function addMetaItem(bubble, node) {
 }
 
 function showMetrics(bubble, m) {
-  const ms = (v) => (typeof v === "number" && Number.isFinite(v) ? `${Math.round(v)} ms` : null);
-  const parts = [
-    ["speech recognition", ms(m.stt_ms)],
-    ["first LLM token", ms(m.llm_ttft_ms)],
-    ["first TTS audio", ms(m.tts_ttfb_ms)],
-  ].filter(([, v]) => v);
-  const headline = ms(m.voice_to_voice_ms);
-  if (!headline && !parts.length) return;
+  const span = metricsSpan(m);
+  if (!span) return;
   bubble.meta.querySelector(".metrics")?.remove();
-  const span = document.createElement("span");
-  span.className = "metrics";
-  if (m.turn !== undefined) span.dataset.turn = String(m.turn);
-  span.textContent = `${headline ? "voice-to-voice " + headline : parts.map(([, v]) => v).join(" / ")}`;
-  span.title = [
-    headline && `Voice to voice: ${headline}`,
-    ...parts.map(([k, v]) => `${k[0].toUpperCase()}${k.slice(1)}: ${v}`),
-  ]
-    .filter(Boolean)
-    .join("\n");
-  // The tooltip is invisible to keyboard and screen-reader users; say the same in words.
-  const detail = document.createElement("span");
-  detail.className = "visually-hidden";
-  detail.textContent = ` response time${parts.length ? ` (${parts.map(([k, v]) => `${k} ${v}`).join(", ")})` : ""}`;
-  span.append(detail);
   withScroll(() => addMetaItem(bubble, span));
 }
 
@@ -548,76 +529,6 @@ function addNotice(text) {
 // Coaching: delivery and corrections under the person's lines; per-answer feedback,
 // corrections, new words and the end-of-session report in the Feedback panel
 
-// A small element builder: h("p", { class: "x", dataset: { a: "1" } }, "text", child…).
-function h(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key in node) node[key] = value;
-    else node.setAttribute(key, value);
-  }
-  node.append(...children.flat().filter((c) => c !== undefined && c !== null && c !== false && c !== ""));
-  return node;
-}
-
-const text = (v) => (typeof v === "string" ? v.trim() : typeof v === "number" ? String(v) : "");
-const texts = (v) => (Array.isArray(v) ? v.map(text).filter(Boolean) : []);
-const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
-const srOnly = (words) => h("span", { class: "visually-hidden" }, words);
-
-function formatNumber(v, digits = 1) {
-  return Number.isInteger(v) ? String(v) : v.toFixed(digits);
-}
-
-function plural(n, one, many = `${one}s`) {
-  return `${formatNumber(n)} ${n === 1 ? one : many}`;
-}
-
-// Scores are out of 10: green from 8, amber from 5, red below.
-function scoreBand(score) {
-  if (score === null) return "none";
-  if (score >= 8) return "high";
-  if (score >= 5) return "mid";
-  return "low";
-}
-
-function clampScore(v) {
-  const score = num(v);
-  return score === null ? null : Math.min(10, Math.max(0, score));
-}
-
-// The badge's own text is just the number; screen readers also hear "Score … out of 10".
-function scoreBadge(value) {
-  const score = clampScore(value);
-  if (score === null) {
-    return h("span", { class: "score-wrap" },
-      h("span", { class: "score-badge", dataset: { band: "none" }, title: "Not scored", "aria-hidden": "true" }, "–"),
-      srOnly("Not scored"));
-  }
-  return h("span", { class: "score-wrap" },
-    srOnly("Score "),
-    h("span", { class: "score-badge", dataset: { band: scoreBand(score) }, title: "Score out of 10" },
-      formatNumber(score)),
-    srOnly(" out of 10"));
-}
-
-function sourceNote(payload) {
-  const parts = [];
-  if (payload.source === "heuristic") parts.push("Quick automatic check, without a language model.");
-  if (text(payload.note)) parts.push(text(payload.note));
-  if (!parts.length) return null;
-  return h("p", { class: "source-note", dataset: { source: text(payload.source) || "unknown" } }, parts.join(" "));
-}
-
-function bulletSection(title, items, className) {
-  if (!items.length) return null;
-  return h("section", { class: `card-section ${className}` },
-    h("h5", {}, title),
-    h("ul", { class: "bullets" }, items.map((item) => h("li", { dir: "auto" }, item))));
-}
-
 function rememberFeedback(payload) {
   parley.feedback.push(payload);
   els.feedbackEmpty.hidden = true;
@@ -639,46 +550,10 @@ function userEntryFor(turn) {
 
 // --- Delivery: pace, fillers and pauses of one answer, as chips under it
 
-function deliveryChips(d) {
-  const chips = [];
-  const wpm = num(d.wpm);
-  if (wpm !== null) {
-    const pace = ["ok", "slow", "fast"].includes(d.pace) ? d.pace : "ok";
-    const range = Array.isArray(d.healthy_wpm) && d.healthy_wpm.length === 2 ? d.healthy_wpm.map(num) : null;
-    const target = range && range.every((v) => v !== null) ? `a comfortable pace is ${range[0]}–${range[1]} wpm` : "";
-    chips.push(h("span", { class: "chip pace", dataset: { pace }, title: target ? `Speaking pace: ${target}` : "Speaking pace" },
-      `${Math.round(wpm)} wpm · ${pace === "ok" ? "good pace" : pace}`,
-      target && srOnly(` (${target})`)));
-  }
-  const fillers = d.fillers && typeof d.fillers === "object" ? d.fillers : null;
-  const count = num(fillers?.count);
-  if (count !== null) {
-    const perMinute = num(fillers.per_minute);
-    const words = fillers.words && typeof fillers.words === "object"
-      ? Object.entries(fillers.words).filter(([, n]) => num(n)).map(([w, n]) => `“${w}” ×${n}`).join(", ")
-      : "";
-    chips.push(h("span", { class: "chip fillers", dataset: { count: String(count) }, title: words || null },
-      count === 0 ? "no fillers" : plural(count, "filler"),
-      count > 0 && perMinute !== null ? ` (${formatNumber(perMinute)}/min)` : "",
-      words && srOnly(`: ${words}`)));
-  }
-  const pauses = num(d.long_pauses);
-  if (pauses) {
-    const longest = num(d.longest_pause_s);
-    const detail = longest !== null ? `longest ${formatNumber(longest)} s` : "";
-    chips.push(h("span", { class: "chip pauses", title: detail || null },
-      plural(pauses, "long pause"), detail && srOnly(` (${detail})`)));
-  }
-  return chips;
-}
-
 function showDelivery(d) {
   const entry = userEntryFor(d.turn);
-  const chips = deliveryChips(d);
-  if (!entry || !chips.length) return;
-  // Spaces between the chips keep their words apart for screen readers and copy-paste.
-  const spaced = chips.flatMap((chip, i) => (i ? [" ", chip] : [chip]));
-  const node = h("p", { class: "delivery", dataset: { turn: text(d.turn) } }, srOnly("Delivery: "), spaced);
+  const node = deliveryLine(d, { turn: text(d.turn) });
+  if (!entry || !node) return;
   withScroll(() => {
     const old = entry.querySelector(":scope > .delivery");
     if (old) old.replaceWith(node);
@@ -687,20 +562,6 @@ function showDelivery(d) {
 }
 
 // --- Corrections
-
-function correctionBody(c) {
-  const original = text(c.original);
-  const corrected = text(c.corrected);
-  const explanation = text(c.explanation);
-  return [
-    h("span", { class: "correction-change" },
-      original && h("del", { dir: "auto" }, original),
-      original && h("span", { class: "arrow", "aria-hidden": "true" }, " → "),
-      original && srOnly(" should be "),
-      h("ins", { dir: "auto" }, corrected)),
-    explanation && h("span", { class: "explanation", dir: "auto" }, explanation),
-  ];
-}
 
 function showCorrection(c) {
   if (!text(c.corrected)) return;
@@ -715,10 +576,6 @@ function showCorrection(c) {
 }
 
 // --- New words
-
-function vocabularyItem(v) {
-  return h("div", { class: "vocab-item" }, h("dt", { dir: "auto" }, text(v.word)), h("dd", { dir: "auto" }, text(v.meaning)));
-}
 
 function showVocabulary(v) {
   const word = text(v.word);
@@ -735,145 +592,47 @@ function showVocabulary(v) {
 
 // --- Per-answer feedback cards, newest first
 
-function starChecklist(star) {
-  if (!star || typeof star !== "object") return null;
-  const steps = ["situation", "task", "action", "result"].filter((k) => typeof star[k] === "boolean");
-  if (!steps.length) return null;
-  return h("section", { class: "card-section star" },
-    h("h5", {}, "STAR structure"),
-    h("ul", { class: "star-list" }, steps.map((k) =>
-      h("li", { dataset: { covered: String(star[k]) } },
-        h("span", { class: "star-mark", "aria-hidden": "true" }, star[k] ? "✓" : "✗"),
-        `${k[0].toUpperCase()}${k.slice(1)}`,
-        srOnly(star[k] ? " covered" : " missing")))));
-}
-
 function showFeedback(f) {
   rememberFeedback(f);
-  const question = text(f.question);
-  const better = text(f.better_answer);
-  const answer = text(f.answer);
-  const card = h("article", {
-    class: "feedback-card",
-    dataset: { questionIndex: text(f.question_index), turn: text(f.turn), source: text(f.source) },
-  },
-    h("header", { class: "card-head" },
-      h("h4", { class: "card-question", dir: "auto" }, question || "Your answer"),
-      scoreBadge(f.score)),
-    bulletSection("What was good", texts(f.good), "good"),
-    bulletSection("What was missing", texts(f.missing), "missing"),
-    starChecklist(f.star),
-    better && h("section", { class: "card-section better" }, h("h5", {}, "A stronger answer"), h("p", { dir: "auto" }, better)),
-    answer && h("details", { class: "your-answer" }, h("summary", {}, "Your answer"), h("p", { dir: "auto" }, answer)),
-    sourceNote(f));
-  els.feedbackList.prepend(card);
+  els.feedbackList.prepend(feedbackCard(f, { withTurn: true }));
   els.answersSection.hidden = false;
 }
 
 // --- End-of-session report: a dialog when it arrives, and a card kept in the panel
 
-function languageName(code) {
-  const c = text(code);
-  if (!c) return "";
-  const option = personas.flatMap((p) => p.options ?? []).find((o) => o.name === "language");
-  const choice = option?.choices?.find((ch) => (typeof ch === "object" ? ch.id : ch) === c);
-  if (choice) return typeof choice === "object" ? choice.label || c : choice;
-  try {
-    return new Intl.DisplayNames([navigator.language || "en"], { type: "language" }).of(c) || c;
-  } catch {
-    return c;
+// The main page's report: "Session complete", the feedback panel's list headings, the language's
+// full name. In the panel it keeps its id and a button back to the dialog; in the dialog it has
+// no id, and its title takes the focus when the dialog opens.
+const LIVE_REPORT = {
+  eyebrow: "Session complete",
+  focusTitle: true,
+  listHeading: "h5",
+  showPauses: false,
+  showCounts: false,
+  shortLanguage: false,
+};
+const REPORTS = {
+  scorecard: { render: scorecardCard, id: "scorecard", reopen: "View full scorecard" },
+  summary: { render: summaryCard, id: "session-summary", reopen: "View full summary" },
+};
+
+function reportCard(kind, payload, inPanel) {
+  const { render, id, reopen } = REPORTS[kind];
+  const titleId = inPanel ? `${id}-title` : "report-dialog-title";
+  const card = render(payload, { ...LIVE_REPORT, id: inPanel ? id : null, titleId });
+  // In the panel, a way back to the dialog once it was closed.
+  if (inPanel) {
+    card.append(h("div", { class: "report-actions" },
+      h("button", { type: "button", class: "btn btn-ghost btn-small report-open", dataset: { report: kind } }, reopen)));
   }
+  return card;
 }
 
-function reportHead(title, titleId, extra) {
-  return h("header", { class: "report-head" },
-    h("div", { class: "report-title" },
-      h("p", { class: "eyebrow" }, "Session complete"),
-      h("h3", { id: titleId, tabIndex: -1 }, title)),
-    extra);
-}
-
-// In the panel, a way back to the dialog once it was closed.
-function reportOpenButton(kind, label, inPanel) {
-  if (!inPanel) return null;
-  return h("div", { class: "report-actions" },
-    h("button", { type: "button", class: "btn btn-ghost btn-small report-open", dataset: { report: kind } }, label));
-}
-
-// The overall score in a ring filled to the score, coloured like the badges.
-function overallRing(overall) {
-  const ring = h("p", { class: "overall", dataset: { band: scoreBand(overall) } },
-    srOnly("Overall score "),
-    h("span", { class: "overall-score" }, overall === null ? "–" : formatNumber(overall, 1)),
-    h("span", { class: "out-of" }, overall === null ? "not scored" : "/10"));
-  ring.style.setProperty("--pct", `${(overall ?? 0) * 10}%`);
-  return ring;
-}
-
-function scorecardCard(sc, inPanel) {
-  const overall = clampScore(sc.overall_score);
-  const questions = Array.isArray(sc.questions) ? sc.questions.filter((q) => q && typeof q === "object") : [];
-  const delivery = sc.delivery && typeof sc.delivery === "object" ? sc.delivery : {};
-  const wpm = num(delivery.wpm);
-  const fpm = num(delivery.fillers_per_minute);
-  const deliveryText = [
-    wpm !== null && `${Math.round(wpm)} words per minute`,
-    fpm !== null && `${formatNumber(fpm)} fillers per minute`,
-  ].filter(Boolean).join(" · ");
-  const titleId = inPanel ? "scorecard-title" : "report-dialog-title";
-
-  return h("article", { id: inPanel ? "scorecard" : null, class: "report scorecard", "aria-labelledby": titleId },
-    reportHead("Interview scorecard", titleId,
-      overallRing(overall)),
-    questions.length > 0 && h("section", { class: "report-section" },
-      h("h4", {}, "Questions"),
-      h("ol", { class: "score-bars" }, questions.map((q, i) => {
-        const score = clampScore(q.score);
-        const fill = h("span", { class: "bar-fill", dataset: { band: scoreBand(score) } });
-        fill.style.width = `${(score ?? 0) * 10}%`;
-        return h("li", { class: "score-row" },
-          h("span", { class: "q-number", "aria-hidden": "true" }, `Q${i + 1}`),
-          h("span", { class: "q-text", dir: "auto", title: text(q.question) || null }, text(q.question) || `Question ${i + 1}`),
-          h("span", { class: "bar", "aria-hidden": "true" }, fill),
-          h("span", { class: "q-score" }, score === null ? "–" : formatNumber(score), srOnly(score === null ? " not scored" : " out of 10")));
-      }))),
-    h("div", { class: "report-columns" },
-      bulletSection("Strengths", texts(sc.strengths), "good"),
-      bulletSection("To improve", texts(sc.improvements), "missing")),
-    deliveryText && h("section", { class: "report-section" }, h("h4", {}, "Delivery"), h("p", { class: "delivery-summary" }, deliveryText)),
-    sourceNote(sc),
-    reportOpenButton("scorecard", "View full scorecard", inPanel));
-}
-
-function summaryCard(sm, inPanel) {
-  const corrections = Array.isArray(sm.corrections) ? sm.corrections.filter((c) => c && text(c.corrected)) : [];
-  const vocabulary = Array.isArray(sm.vocabulary) ? sm.vocabulary.filter((v) => v && text(v.word)) : [];
-  const language = languageName(sm.language);
-  const level = text(sm.level);
-  const titleId = inPanel ? "session-summary-title" : "report-dialog-title";
-
-  return h("article", { id: inPanel ? "session-summary" : null, class: "report summary", "aria-labelledby": titleId },
-    reportHead(language ? `${language} session summary` : "Session summary", titleId,
-      level && h("p", { class: "level-badge", title: "Your level" }, srOnly("Level "), level)),
-    corrections.length > 0 && h("section", { class: "report-section" },
-      h("h4", {}, "Corrections"),
-      h("ul", { class: "summary-corrections" }, corrections.map((c) => h("li", { class: "summary-correction" }, correctionBody(c))))),
-    vocabulary.length > 0 && h("section", { class: "report-section" },
-      h("h4", {}, "New words"),
-      h("dl", { class: "vocabulary-list" }, vocabulary.map(vocabularyItem))),
-    bulletSection("Suggestions", texts(sm.suggestions), "suggestions"),
-    !corrections.length && !vocabulary.length && !texts(sm.suggestions).length &&
-      h("p", { class: "hint" }, "Nothing to correct this time."),
-    sourceNote(sm),
-    reportOpenButton("summary", "View full summary", inPanel));
-}
-
-const REPORTS = { scorecard: scorecardCard, summary: summaryCard };
 const reportFocus = { returnTo: null };
 
 function showReport(kind, payload) {
   rememberFeedback(payload);
-  const card = REPORTS[kind](payload, true);
+  const card = reportCard(kind, payload, true);
   const old = els.reportSlot.querySelector(`#${card.id}`);
   if (old) old.replaceWith(card);
   else els.reportSlot.prepend(card);
@@ -882,7 +641,7 @@ function showReport(kind, payload) {
 
 function openReportDialog(kind, payload) {
   const dialog = els.reportDialog;
-  els.reportDialogBody.replaceChildren(REPORTS[kind](payload, false));
+  els.reportDialogBody.replaceChildren(reportCard(kind, payload, false));
   if (!dialog.open) {
     reportFocus.returnTo = document.activeElement;
     dialog.showModal();

@@ -1,6 +1,7 @@
-// Shared by the History and session report pages: the API with this browser's token, labels from
-// the persona catalog, the scorecard / summary / feedback renderers (the main page's look), and
-// Chart.js (vendored, loaded as a classic script before the page's module) themed from style.css.
+// Shared by the three pages. The main page (app.js) uses the element helpers, the persona catalog's
+// labels and the feedback / scorecard / summary renderers; the History and session report pages
+// also use the API with this browser's token and Chart.js (vendored, loaded as a classic script
+// before the page's module) themed from style.css.
 
 import { authHeaders } from "./identity.js";
 
@@ -83,9 +84,11 @@ export async function download(path, fallbackName) {
 }
 
 // ---------------------------------------------------------------------------
-// Small helpers (as in app.js)
+// Small helpers
 
-// h("p", { class: "x", dataset: { a: "1" } }, "text", child…)
+export const $ = (id) => document.getElementById(id);
+
+// A small element builder: h("p", { class: "x", dataset: { a: "1" } }, "text", child…).
 export function h(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
@@ -183,12 +186,19 @@ export function isoDateTimeAttr(iso) {
 const catalog = { personas: [], loaded: false };
 
 export async function loadCatalog() {
+  let list;
   try {
     const body = await api("/api/personas");
-    catalog.personas = Array.isArray(body?.personas) ? body.personas : [];
+    list = Array.isArray(body?.personas) ? body.personas : [];
   } catch {
-    catalog.personas = [];
+    list = [];
   }
+  return setCatalog(list);
+}
+
+// The main page fetches /api/personas itself (it reports a failure its own way) and hands the list here.
+export function setCatalog(list) {
+  catalog.personas = list;
   catalog.loaded = true;
   return catalog.personas;
 }
@@ -308,6 +318,7 @@ export function clampScore(v) {
   return score === null ? null : Math.min(10, Math.max(0, score));
 }
 
+// The badge's own text is just the number; screen readers also hear "Score … out of 10".
 export function scoreBadge(value) {
   const score = clampScore(value);
   if (score === null) {
@@ -322,7 +333,7 @@ export function scoreBadge(value) {
 }
 
 // ---------------------------------------------------------------------------
-// Feedback pieces, as the main page draws them
+// Feedback pieces: the main page's live panel and transcript, and the report page's replay
 
 export function sourceNote(payload) {
   const parts = [];
@@ -372,11 +383,35 @@ export function deliveryChips(d) {
   return chips;
 }
 
-export function deliveryLine(d) {
+// Pace, fillers and pauses of one answer, as chips; `turn` (the main page) goes in data-turn.
+export function deliveryLine(d, { turn } = {}) {
   const chips = deliveryChips(d);
   if (!chips.length) return null;
+  // Spaces between the chips keep their words apart for screen readers and copy-paste.
   const spaced = chips.flatMap((chip, i) => (i ? [" ", chip] : [chip]));
-  return h("p", { class: "delivery" }, srOnly("Delivery: "), spaced);
+  return h("p", { class: "delivery", dataset: turn === undefined ? null : { turn } }, srOnly("Delivery: "), spaced);
+}
+
+// The agent's response time for one reply: voice to voice (else the stages' times), the stages in
+// the tooltip and, since a tooltip is invisible to keyboard and screen-reader users, in words.
+// Live turn metrics carry their turn (data-turn); stored ones do not.
+export function metricsSpan(m) {
+  if (!m || typeof m !== "object") return null;
+  const ms = (v) => (num(v) !== null ? `${Math.round(v)} ms` : null);
+  const parts = [
+    ["speech recognition", ms(m.stt_ms)],
+    ["first LLM token", ms(m.llm_ttft_ms)],
+    ["first TTS audio", ms(m.tts_ttfb_ms)],
+  ].filter(([, v]) => v);
+  const headline = ms(m.voice_to_voice_ms);
+  if (!headline && !parts.length) return null;
+  return h("span", {
+    class: "metrics",
+    dataset: m.turn === undefined ? null : { turn: String(m.turn) },
+    title: [headline && `Voice to voice: ${headline}`, ...parts.map(([k, v]) => `${capitalize(k)}: ${v}`)].filter(Boolean).join("\n"),
+  },
+  headline ? `voice-to-voice ${headline}` : parts.map(([, v]) => v).join(" / "),
+  srOnly(` response time${parts.length ? ` (${parts.map(([k, v]) => `${k} ${v}`).join(", ")})` : ""}`));
 }
 
 export function correctionBody(c) {
@@ -410,12 +445,14 @@ function starChecklist(star) {
         srOnly(star[k] ? " covered" : " missing")))));
 }
 
-// One answer's feedback card. `label` ("Q2") goes before the question.
-export function feedbackCard(f, { label, showAnswer = true } = {}) {
+// One answer's feedback card. `label` ("Q2") goes before the question; `withTurn` (the main page)
+// adds the answer's turn as data-turn.
+export function feedbackCard(f, { label, showAnswer = true, withTurn = false } = {}) {
   const question = text(f.question);
   const better = text(f.better_answer);
   const answer = text(f.answer);
-  return h("article", { class: "feedback-card", dataset: { questionIndex: text(f.question_index), source: text(f.source) } },
+  const dataset = { questionIndex: text(f.question_index), ...(withTurn ? { turn: text(f.turn) } : {}), source: text(f.source) };
+  return h("article", { class: "feedback-card", dataset },
     h("header", { class: "card-head" },
       h("h4", { class: "card-question", dir: "auto" },
         label && h("span", { class: "card-label" }, label, srOnly(": ")),
@@ -431,15 +468,26 @@ export function feedbackCard(f, { label, showAnswer = true } = {}) {
 
 // ---------------------------------------------------------------------------
 // The end-of-session report: scorecard (interviews) or summary (language practice)
+//
+// Options, with the report page's defaults; the main page (its panel and dialog) passes its own:
+//   id            the article's id (null: none, for a second copy in a dialog)
+//   titleId       the title's id, which labels the article
+//   eyebrow       the small line above the title
+//   focusTitle    the title can take the focus (tabindex="-1"), for a dialog
+//   listHeading   the heading level of the bullet lists (strengths, to improve, suggestions)
+//   showPauses    the scorecard's delivery line counts the long pauses
+//   showCounts    the summary's section headings give how many corrections and words
+//   shortLanguage the summary's title names the language without its own name ("German")
 
-function reportHead(eyebrow, title, titleId, extra) {
+function reportHead(eyebrow, title, titleId, extra, focusTitle = false) {
   return h("header", { class: "report-head" },
     h("div", { class: "report-title" },
       h("p", { class: "eyebrow" }, eyebrow),
-      h("h3", { id: titleId }, title)),
+      h("h3", { id: titleId, tabIndex: focusTitle ? -1 : null }, title)),
     extra);
 }
 
+// The overall score in a ring filled to the score, coloured like the badges.
 export function overallRing(overall) {
   const ring = h("p", { class: "overall", dataset: { band: scoreBand(overall) } },
     srOnly("Overall score "),
@@ -449,21 +497,24 @@ export function overallRing(overall) {
   return ring;
 }
 
-export function scorecardCard(sc, { titleId = "scorecard-title", eyebrow = "Scorecard", title = "Interview scorecard" } = {}) {
+export function scorecardCard(sc, {
+  id = "scorecard", titleId = "scorecard-title", eyebrow = "Scorecard", title = "Interview scorecard",
+  focusTitle = false, listHeading = "h4", showPauses = true,
+} = {}) {
   const overall = clampScore(sc.overall_score);
   const questions = Array.isArray(sc.questions) ? sc.questions.filter((q) => q && typeof q === "object") : [];
   const delivery = sc.delivery && typeof sc.delivery === "object" ? sc.delivery : {};
   const wpm = num(delivery.wpm);
   const fpm = num(delivery.fillers_per_minute);
-  const pauses = num(delivery.long_pauses);
+  const pauses = showPauses ? num(delivery.long_pauses) : null;
   const deliveryText = [
     wpm !== null && `${Math.round(wpm)} words per minute`,
     fpm !== null && `${formatNumber(fpm)} fillers per minute`,
     pauses !== null && plural(pauses, "long pause"),
   ].filter(Boolean).join(" · ");
 
-  return h("article", { id: "scorecard", class: "report scorecard", "aria-labelledby": titleId },
-    reportHead(eyebrow, title, titleId, overallRing(overall)),
+  return h("article", { id, class: "report scorecard", "aria-labelledby": titleId },
+    reportHead(eyebrow, title, titleId, overallRing(overall), focusTitle),
     questions.length > 0 && h("section", { class: "report-section" },
       h("h4", {}, "Questions"),
       h("ol", { class: "score-bars" }, questions.map((q, i) => {
@@ -477,29 +528,33 @@ export function scorecardCard(sc, { titleId = "scorecard-title", eyebrow = "Scor
           h("span", { class: "q-score" }, score === null ? "–" : formatNumber(score), srOnly(score === null ? " not scored" : " out of 10")));
       }))),
     h("div", { class: "report-columns" },
-      bulletSection("Strengths", texts(sc.strengths), "good", "h4"),
-      bulletSection("To improve", texts(sc.improvements), "missing", "h4")),
+      bulletSection("Strengths", texts(sc.strengths), "good", listHeading),
+      bulletSection("To improve", texts(sc.improvements), "missing", listHeading)),
     deliveryText && h("section", { class: "report-section" }, h("h4", {}, "Delivery"), h("p", { class: "delivery-summary" }, deliveryText)),
     sourceNote(sc));
 }
 
-export function summaryCard(sm, { titleId = "summary-title", eyebrow = "Summary" } = {}) {
+export function summaryCard(sm, {
+  id = "session-summary", titleId = "summary-title", eyebrow = "Summary",
+  focusTitle = false, listHeading = "h4", showCounts = true, shortLanguage = true,
+} = {}) {
   const corrections = Array.isArray(sm.corrections) ? sm.corrections.filter((c) => c && text(c.corrected)) : [];
   const vocabulary = Array.isArray(sm.vocabulary) ? sm.vocabulary.filter((v) => v && text(v.word)) : [];
-  const language = languageLabel(sm.language, { short: true });
+  const language = languageLabel(sm.language, { short: shortLanguage });
   const level = text(sm.level);
   const suggestions = texts(sm.suggestions);
+  const counted = (title, n) => (showCounts ? `${title} (${n})` : title);
 
-  return h("article", { id: "session-summary", class: "report summary", "aria-labelledby": titleId },
+  return h("article", { id, class: "report summary", "aria-labelledby": titleId },
     reportHead(eyebrow, language ? `${language} session summary` : "Session summary", titleId,
-      level && h("p", { class: "level-badge", title: "Your level" }, srOnly("Level "), level)),
+      level && h("p", { class: "level-badge", title: "Your level" }, srOnly("Level "), level), focusTitle),
     corrections.length > 0 && h("section", { class: "report-section" },
-      h("h4", {}, `Corrections (${corrections.length})`),
+      h("h4", {}, counted("Corrections", corrections.length)),
       h("ul", { class: "summary-corrections" }, corrections.map((c) => h("li", { class: "summary-correction" }, correctionBody(c))))),
     vocabulary.length > 0 && h("section", { class: "report-section" },
-      h("h4", {}, `New words (${vocabulary.length})`),
+      h("h4", {}, counted("New words", vocabulary.length)),
       h("dl", { class: "vocabulary-list" }, vocabulary.map(vocabularyItem))),
-    bulletSection("Suggestions", suggestions, "suggestions", "h4"),
+    bulletSection("Suggestions", suggestions, "suggestions", listHeading),
     !corrections.length && !vocabulary.length && !suggestions.length && h("p", { class: "hint" }, "Nothing to correct this time."),
     sourceNote(sm));
 }

@@ -2,7 +2,7 @@
 // progress for one persona + role (or language): charts over sessions, statements, questions.
 
 import {
-  ApiError, alpha, api, bandColor, capitalize, clampScore, describeTrend, drawChart, formatDate, formatDateTime,
+  $, ApiError, alpha, api, bandColor, capitalize, clampScore, describeTrend, drawChart, formatDate, formatDateTime,
   formatNumber, formatTime, h, HEALTHY_WPM, isoDateTimeAttr, languageLabel, lineDataset, loadCatalog, markBusy,
   markReady, num, optionChoices, personaKind, personaName, personas, roleLabel, scoreBadge, sessionLevel, sessionTopic,
   srOnly, statusBadge, text,
@@ -10,7 +10,6 @@ import {
 
 const PAGE_SIZE = 20;
 
-const $ = (id) => document.getElementById(id);
 const els = {
   error: $("error"),
   errorText: $("error-text"),

@@ -2,13 +2,12 @@
 // replayed with delivery chips, corrections and feedback cards next to the answers.
 
 import {
-  ApiError, alpha, api, bandColor, clampScore, correctionBody, deliveryLine, describeTrend, download, drawChart,
+  $, ApiError, alpha, api, bandColor, clampScore, correctionBody, deliveryLine, describeTrend, download, drawChart,
   durationSeconds, feedbackCard, formatDateTime, formatDuration, formatNumber, formatOffset, h, HEALTHY_WPM,
-  isoDateTimeAttr, languageLabel, loadCatalog, markReady, num, personaKind, personaName, prettify, roleLabel,
+  isoDateTimeAttr, languageLabel, loadCatalog, markReady, metricsSpan, num, personaKind, personaName, prettify, roleLabel,
   scorecardCard, sessionLevel, sessionTopic, srOnly, statusBadge, summaryCard, text, vocabularyItem,
 } from "./common.js";
 
-const $ = (id) => document.getElementById(id);
 const els = {
   error: $("error"),
   errorText: $("error-text"),
@@ -427,24 +426,6 @@ function renderPaceChart(s, anchors) {
 // ---------------------------------------------------------------------------
 // Transcript replay
 
-function metricsSpan(m) {
-  if (!m || typeof m !== "object") return null;
-  const ms = (v) => (num(v) !== null ? `${Math.round(v)} ms` : null);
-  const parts = [
-    ["speech recognition", ms(m.stt_ms)],
-    ["first LLM token", ms(m.llm_ttft_ms)],
-    ["first TTS audio", ms(m.tts_ttfb_ms)],
-  ].filter(([, v]) => v);
-  const headline = ms(m.voice_to_voice_ms);
-  if (!headline && !parts.length) return null;
-  return h("span", {
-    class: "metrics",
-    title: [headline && `Voice to voice: ${headline}`, ...parts.map(([k, v]) => `${k[0].toUpperCase()}${k.slice(1)}: ${v}`)].filter(Boolean).join("\n"),
-  },
-  headline ? `voice-to-voice ${headline}` : parts.map(([, v]) => v).join(" / "),
-  srOnly(` response time${parts.length ? ` (${parts.map(([k, v]) => `${k} ${v}`).join(", ")})` : ""}`));
-}
-
 function metaLine(items) {
   const present = items.filter(Boolean);
   if (!present.length) return null;
@@ -469,7 +450,7 @@ function replayRow(s, turn, anchors) {
         "interrupted"),
       who === "agent" && metricsSpan(turn.metrics),
     ]),
-    ...(notes?.deliveries ?? []).map(deliveryLine),
+    ...(notes?.deliveries ?? []).map((d) => deliveryLine(d)),
     ...(notes?.corrections ?? []).map((c) => h("p", { class: "correction inline" }, srOnly("Correction: "), correctionBody(c))));
 
   const cards = (notes?.feedback ?? []).map((f) => feedbackCard(f, { label: num(f.question_index) !== null ? `Q${f.question_index + 1}` : null, showAnswer: false }));
