@@ -172,9 +172,11 @@ async def test_parley_page_in_chromium_transcribes_answers_and_plays_the_reply(p
     assert page_state["error"] is None, page_state
     assert page_state["hasStream"] and not page_state["muted"] and not page_state["paused"], page_state
     assert page_state["botAudioLevel"] > AUDIBLE_RMS, page_state
-    # The persona's greeting comes first and is not the LLM's: it is spoken before any request.
-    assert page_state["agents"][0].startswith("Hello, thanks for coming in."), page_state["agents"]
-    assert REPLY in page_state["agents"][1:], page_state["agents"]
+    # The persona's greeting is not the LLM's. It may be cut off unheard when the fake microphone's
+    # speech starts before its first frame (a real barge-in), so it is not required on screen.
+    greeting = [a for a in page_state["agents"] if a.startswith("Hello, thanks for coming in.")]
+    assert greeting in ([], page_state["agents"][:1]), page_state["agents"]
+    assert REPLY in page_state["agents"], page_state["agents"]
     # The page shows every final transcription as the person's line, and the LLM was asked about one.
     finals = [t.strip() for t in page_state["transcriptions"] if t.strip()]
     assert page_state["users"] == finals, page_state
