@@ -45,6 +45,33 @@ def serve(args: argparse.Namespace) -> None:
                 log_config=None)
 
 
+def livekit(args: argparse.Namespace) -> None:
+    from .config import get_settings
+    from .livekit_worker import run
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    logging.getLogger("parley").info("LiveKit worker %r for %s", settings.livekit_agent_name,
+                                     settings.livekit_url or "LIVEKIT_URL")
+    run(settings, devmode=args.dev)
+
+
+def stt_worker(args: argparse.Namespace) -> None:
+    import asyncio
+    import os
+
+    # One OpenBLAS thread (numpy's log-mel product): its spinning threads slow the decoders.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from pipeline.stt_remote import serve
+
+    from .config import get_settings
+    from .engines import whisper_options
+
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    asyncio.run(serve(args.socket, whisper_options(settings)))
+
+
 def bench(args: argparse.Namespace) -> None:
     script = Path(__file__).resolve().parents[1] / "bench" / f"{args.what}.py"
     if not script.exists():
@@ -60,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=serve)
+    p = sub.add_parser("livekit", help="run a LiveKit Agents worker: the agent joins LiveKit rooms it is dispatched to")
+    p.add_argument("--dev", action="store_true", help="livekit-agents development mode (its health check on a random port, not 8081)")
+    p.set_defaults(func=livekit)
+    p = sub.add_parser("stt-worker", help="serve speech recognition to the agent processes of this host "
+                       "(they set PARLEY_STT_WORKER to the socket)")
+    p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    p.set_defaults(func=stt_worker)
     p = sub.add_parser("bench", help="run a benchmark from bench/ (pipeline, ...)")
     p.add_argument("what")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     stt_compute_type: str = "auto"
     stt_max_new_tokens: int | None = None
     stt_partial_interval_s: float = 0.6
+    # A `parley stt-worker --socket PATH` to share (one model per host); None: the model in this process.
+    stt_worker: str | None = None
+    stt_batch_size: int | None = None  # requests per decode; None: 8 on a CPU, 16 on a GPU
+    stt_batch_wait_ms: float = 10.0
 
     # LLM: any OpenAI-compatible server. With neither a key nor a base URL, Parley runs its
     # offline personas (question bank and heuristic feedback) so the page works out of the box.
@@ -53,6 +57,16 @@ class Settings(BaseSettings):
     # Recordings of answers, only for sessions that opted in; deleted after this many days.
     audio_retention_days: int = Field(30, ge=1)
     audio_dir: str | None = None  # default: "audio" under the user's data directory
+
+    # Names this server instance in the sessions it runs, so that on a shared database a restart
+    # marks only its own unfinished sessions interrupted. Default: host name and port.
+    instance: str | None = None
+
+    @property
+    def instance_id(self) -> str:
+        import socket
+
+        return self.instance or f"{socket.gethostname()}:{self.port}"
 
     @property
     def audio_path(self) -> Path:
@@ -82,6 +96,16 @@ class Settings(BaseSettings):
     @property
     def offline_llm(self) -> bool:
         return self.llm_offline or not (self.llm_api_key or self.llm_base_url)
+
+    # LiveKit. For `parley serve` (the token endpoint), livekit_url is the URL browsers connect to;
+    # for `parley livekit` (the worker), the URL the worker reaches the server at. Unset: LiveKit is off
+    # (the worker then falls back to LiveKit's own LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET).
+    livekit_url: str | None = None
+    livekit_api_key: str | None = None
+    livekit_api_secret: str | None = None
+    livekit_agent_name: str = "parley"  # explicit dispatch: tokens from /api/livekit/token name this agent
+    livekit_participant: str | None = None  # talk with this identity (default: whoever dispatched the agent)
+    livekit_listen_all: bool = False  # hear every participant (mixed), not only the one it talks with
 
 
 @lru_cache(maxsize=1)

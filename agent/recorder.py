@@ -34,7 +34,8 @@ _PERSONA_KINDS = {"feedback", "delivery", "correction", "vocabulary"}
 
 class Recorder:
     def __init__(self, store: Store, user_id: int, room: str, persona: PersonaSession, retries: int = 3,
-                 audio_dir: Path | None = None):
+                 audio_dir: Path | None = None, owner: str | None = None):
+        self.owner = owner
         self.store, self.user_id, self.room, self.persona, self.retries = store, user_id, room, persona, retries
         # Only when the person opted in for this session.
         self.audio_dir = audio_dir if persona.options.get("record_audio") else None
@@ -88,7 +89,8 @@ class Recorder:
             self._started = True
             p = self.persona
             self._queue.put_nowait(lambda: self.store.start_session(
-                self.user_id, self.room, p.persona, p.kind, p.options, session_id=self.session_id))
+                self.user_id, self.room, p.persona, p.kind, p.options, session_id=self.session_id,
+                owner=self.owner))
         self._queue.put_nowait(op)
 
     # ------------------------------------------------------------------ the writer

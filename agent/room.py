@@ -7,7 +7,7 @@ cancelled and awaited.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import gc
 import json
 import logging
 import re
@@ -19,17 +19,15 @@ from personas.catalog import PersonaSession, build
 from personas.runtime import make_runtime
 from pipeline.tasks import TaskSet
 from pipeline import frames as F
-from pipeline.conversation import Conversation
-from pipeline.turns import TurnOptions
-from pipeline.vad import VADOptions
 
 from . import rtvi
 from .config import Settings
 from .engines import Engines
+from .metrics import Metrics
 from .recorder import Recorder
 from .store import Store
-from .store.db import new_token
 from .peer import Peer, SignalingError
+from .session import SilenceHint, build_conversation, open_recorder
 
 log = logging.getLogger(__name__)
 ROOM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -43,7 +41,7 @@ class RoomError(Exception):
 
 class Room:
     def __init__(self, room_id: str, persona: PersonaSession, settings: Settings, engines: Engines,
-                 on_empty: "callable", recorder: Recorder | None = None):
+                 on_empty: "callable", recorder: Recorder | None = None, metrics: Metrics | None = None):
         self.id = room_id
         self.persona = persona
         self.settings = settings
@@ -56,19 +54,12 @@ class Room:
         self._grace: asyncio.Task | None = None
         self._tasks = TaskSet(room_id)
         self._closed = False
-        self._hint_timer: asyncio.TimerHandle | None = None
         self.recorder = recorder
+        self.metrics = metrics
         # The persona is the conversation's LLM: it decides each turn and calls the real one.
         self.runtime = make_runtime(persona, engines.llm, engines.llm, self._on_persona)
-        self.conversation = Conversation(
-            stt=engines.stt, llm=self.runtime, tts=engines.tts, config=persona.config,
-            vad_options=VADOptions(threshold=settings.vad_threshold,
-                                   endpoint_silence_ms=persona.config.endpoint_silence_ms
-                                   or settings.vad_endpoint_silence_ms),
-            turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
-                                     partial_interval_s=settings.stt_partial_interval_s),
-            emit=self._on_event, name=room_id,
-        )
+        self.conversation = build_conversation(persona, settings, engines, self.runtime, self._on_event, room_id)
+        self._hint = SilenceHint(self.runtime, self.conversation, lambda: self.peer is not None)
         self._log = logging.LoggerAdapter(log, {"room": room_id})
         self.closed = asyncio.Event()
         self._spawn(self._lifetime(), "lifetime")
@@ -107,6 +98,8 @@ class Room:
         return self._tasks.spawn(coro, what)
 
     def _on_peer_closed(self, peer: Peer) -> None:
+        if self.metrics is not None:
+            self.metrics.peer_closed(peer)
         if peer is self.peer and not self._closed:
             self.peer = None
             self._grace = asyncio.get_running_loop().create_task(self._close_after_grace(), name=f"{self.id}:grace")
@@ -125,30 +118,29 @@ class Room:
     def _on_event(self, ev: F.Event) -> None:
         for msg in rtvi.from_event(ev):
             self.send(msg)
+        if isinstance(ev, (F.TurnMetrics, F.ErrorEvent)):
+            self._log_event(ev)
+            if self.metrics is not None:
+                self.metrics.observe(ev)
         if self.recorder is not None:
             self.recorder.on_event(ev)
         self.runtime.on_event(ev)
-        self._watch_silence(ev)
+        self._hint.on_event(ev)
+
+    def _log_event(self, ev: F.TurnMetrics | F.ErrorEvent) -> None:
+        """One line per turn and per error, as key=value pairs; the adapter adds the room id."""
+        if isinstance(ev, F.TurnMetrics):
+            fields = " ".join(f"{k}={getattr(ev, k):.1f}" for k in ("stt_ms", "llm_ttft_ms", "tts_ttfb_ms",
+                                                                    "voice_to_voice_ms", "pipeline_ms")
+                              if getattr(ev, k) is not None)
+            self._log.info("turn=%d metrics %s", ev.turn, fields)
+        else:
+            self._log.warning("turn=%d error source=%s: %s", self.conversation.turn, ev.source, ev.message)
 
     def _on_persona(self, payload: dict[str, Any]) -> None:
         self.send(rtvi.server_message(payload))
         if self.recorder is not None:
             self.recorder.on_persona(payload)
-
-    def _watch_silence(self, ev: F.Event) -> None:
-        """A question followed by a long silence gets a hint, if the persona wants one."""
-        if isinstance(ev, (F.UserStartedSpeaking, F.BotStartedSpeaking, F.Transcript)) and self._hint_timer:
-            self._hint_timer.cancel()
-            self._hint_timer = None
-        elif isinstance(ev, F.BotStoppedSpeaking) and not ev.interrupted and not self._closed:
-            if self._hint_timer:
-                self._hint_timer.cancel()
-            self._hint_timer = asyncio.get_running_loop().call_later(self.runtime.hint_after_s, self._on_silence)
-
-    def _on_silence(self) -> None:
-        self._hint_timer = None
-        if self.peer is not None and self.runtime.wants_hint():
-            self.conversation.respond()
 
     async def _end_session(self, peer: Peer, request_id: str | None) -> None:
         result = await self.runtime.finish()
@@ -196,8 +188,7 @@ class Room:
         if self._closed:
             return
         self._closed = True
-        if self._hint_timer:
-            self._hint_timer.cancel()
+        self._hint.cancel()
         if self._grace is not None and self._grace is not asyncio.current_task():
             self._grace.cancel()
             await asyncio.gather(self._grace, return_exceptions=True)
@@ -213,11 +204,29 @@ class Room:
         self._log.info("room closed after %d turns", sum(1 for m in self.conversation.history if m["role"] == "user"))
 
 
+_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Once per process, before the first room: what start-up loaded (modules, models, the persona
+    catalog) lives as long as the process, and the cyclic collector re-scanned all of it in every
+    full collection: 90-130 ms with the event loop stopped at 30 rooms (bench/rooms.py), every room's
+    voice late at once. ``gc.freeze()`` moves it out of the collector's sight (17 ms after)."""
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
+
+
 class RoomManager:
-    def __init__(self, settings: Settings, engines: Engines, store: Store | None = None):
+    def __init__(self, settings: Settings, engines: Engines, store: Store | None = None,
+                 metrics: Metrics | None = None):
+        freeze_startup_heap()
         self.settings = settings
         self.engines = engines
         self.store = store
+        self.metrics = metrics
         self.rooms: dict[str, Room] = {}
         self.peers: dict[str, tuple[Peer, Room]] = {}
         self._lock = asyncio.Lock()
@@ -268,25 +277,11 @@ class RoomManager:
         recorder = None
         if self.store is not None:
             # Without a token the conversation is still saved, under a fresh anonymous user.
-            user_id = await self.store.user(user_token or new_token())
-            session = await self._with_history(session, user_id)
-            recorder = Recorder(self.store, user_id, room_id, session, audio_dir=self.settings.audio_path)
-        room = Room(room_id, session, self.settings, self.engines, self._drop, recorder)
+            session, recorder = await open_recorder(self.store, self.settings, room_id, session, user_token)
+        room = Room(room_id, session, self.settings, self.engines, self._drop, recorder, self.metrics)
         self.rooms[room.id] = room
         log.info("room %s opened (%s %s)", room.id, session.persona, session.options)
         return room
-
-    async def _with_history(self, session: PersonaSession, user_id: int) -> PersonaSession:
-        """Feedback builds on history: past weaknesses for this role go into the interviewer's prompt."""
-        if session.kind != "interviewer" or session.role is None:
-            return session
-        weak = await self.store.weaknesses(user_id, session.role.id)
-        if not weak:
-            return session
-        note = (" In this candidate's previous interviews for this role the feedback said: " + " | ".join(weak) +
-                " Notice whether they have improved on these, and probe them with your follow-ups.")
-        return dataclasses.replace(session, config=dataclasses.replace(
-            session.config, system_prompt=session.config.system_prompt + note))
 
     async def add_candidates(self, pc_id: str, candidates: list[dict[str, Any]]) -> None:
         entry = self.peers.get(pc_id)
@@ -304,11 +299,14 @@ class RoomManager:
                 raise RoomError(400, str(e)) from e
 
     async def _drop(self, room: Room) -> None:
-        if self.rooms.get(room.id) is room:
+        dropped = self.rooms.get(room.id) is room
+        if dropped:
             del self.rooms[room.id]
         for pc_id in [k for k, (_, r) in self.peers.items() if r is room]:
             del self.peers[pc_id]
         await room.close()
+        if dropped and self.metrics is not None:
+            self.metrics.room_closed(room)
 
     async def close_all(self) -> None:
         await asyncio.gather(*(self._drop(r) for r in list(self.rooms.values())), return_exceptions=True)

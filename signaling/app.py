@@ -10,17 +10,19 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from agent.config import Settings, get_settings
 from agent.engines import Engines, build_engines
+from agent.metrics import Metrics
 from agent.room import RoomError, RoomManager
 from personas.catalog import get_catalog, list_personas, use_data_dir
 from pipeline.metrics import summarize
 
 from .history import router as history_router
+from .livekit_tokens import livekit_router
 from .limits import BodySizeLimit
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ async def _open_store(settings: Settings):
     except Exception as e:
         log.error("history disabled: cannot open the database: %s", e)
         return None
-    if (n := await store.mark_interrupted()):
+    if (n := await store.mark_interrupted(settings.instance_id)):
         log.warning("%d session(s) were cut off by a previous shutdown; marked interrupted", n)
     return store
 
@@ -81,6 +83,17 @@ async def _expire_audio_forever(store, retention_days: int) -> None:
         await asyncio.sleep(6 * 3600)  # the sweep's period, not a wait for an event
 
 
+def _audio_out(room) -> dict[str, Any]:
+    """The agent's outgoing audio: frames sent, sent late (> 20 ms) or re-anchored, and frames the
+    player played short inside a reply."""
+    voice = room.peer.voice if room.peer is not None else None
+    out = {"player_underruns": room.conversation.player.underruns}
+    if voice is not None:
+        out.update(frames=voice.frames, late_frames=voice.late_frames, resyncs=voice.resyncs,
+                   max_late_ms=round(voice.max_late_s * 1000, 1))
+    return out
+
+
 def create_app(settings: Settings | None = None, engines: Engines | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -91,7 +104,8 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         eng = engines or build_engines(settings)
         app.state.engines = eng
         app.state.store = await _open_store(settings)
-        app.state.rooms = RoomManager(settings, eng, app.state.store)
+        app.state.metrics = Metrics(rooms=lambda: app.state.rooms.rooms.values(), stt=eng.stt)
+        app.state.rooms = RoomManager(settings, eng, app.state.store, app.state.metrics)
         background = [asyncio.create_task(eng.warm_up(), name="stt warm-up")]
         if app.state.store is not None:
             background.append(asyncio.create_task(
@@ -131,6 +145,7 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.include_router(history_router)
+    app.include_router(livekit_router(settings))
 
     @app.get("/history", include_in_schema=False)
     async def history_page() -> FileResponse:
@@ -145,6 +160,12 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         eng: Engines = request.app.state.engines
         return {"status": "ok", "rooms": len(request.app.state.rooms.rooms), "stt": eng.stt_status,
                 "llm": "offline personas" if eng.llm is None else settings.llm_model, "tts": eng.tts.name}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition: per-stage latency histograms, rooms, STT queue, errors."""
+        body, content_type = request.app.state.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/api/personas")
     async def personas() -> dict[str, Any]:
@@ -185,6 +206,6 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         return {"room": room.id, "persona": room.persona.persona, "options": room.persona.options,
                 "state": conv.state.value, "connected": room.peer is not None, "history": conv.history,
                 "metrics": [dataclasses.asdict(m) for m in conv.metrics],
-                "metrics_summary": summarize(conv.metrics)}
+                "metrics_summary": summarize(conv.metrics), "audio_out": _audio_out(room)}
 
     return app

@@ -50,6 +50,14 @@ def _aware_utc(iso: str) -> datetime:
 
 # ---------------------------------------------------------------------------------------- migrations
 
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from agent.store.db import MIGRATIONS
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
 async def test_migrations_run_on_an_empty_database_and_are_idempotent(store_url):
     first = await open_store(store_url)
     try:
@@ -57,7 +65,7 @@ async def test_migrations_run_on_an_empty_database_and_are_idempotent(store_url)
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
         assert {"users", "sessions", "turns", "evaluations", "alembic_version"} <= tables
-        assert version == ["0001"]
+        assert version == [head_revision()]
         uid = await first.user("tok")
     finally:
         await first.close()
@@ -65,7 +73,7 @@ async def test_migrations_run_on_an_empty_database_and_are_idempotent(store_url)
     try:
         assert await second.find_user("tok") == uid
         async with second.engine.connect() as conn:
-            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all() == ["0001"]
+            assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all() == [head_revision()]
     finally:
         await second.close()
 
@@ -235,6 +243,15 @@ async def test_mark_interrupted_flips_only_active_sessions(store):
     assert await store.get_session(uid, done) == done_before
     assert (await store.get_session(uid, gone))["status"] == "interrupted"
     assert await store.mark_interrupted() == 0
+
+
+async def test_a_restart_marks_only_its_own_instances_sessions(store):
+    uid = await store.user("u")
+    mine = await store.start_session(uid, "m", "p", "interviewer", {}, owner="host-a:8000")
+    theirs = await store.start_session(uid, "t", "p", "interviewer", {}, owner="host-b:8000")
+    assert await store.mark_interrupted("host-a:8000") == 1
+    assert (await store.get_session(uid, mine))["status"] == "interrupted"
+    assert (await store.get_session(uid, theirs))["status"] == "active"  # another worker's live session
 
 
 # ---------------------------------------------------------------------------------------- progress

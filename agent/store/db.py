@@ -108,12 +108,12 @@ class Store:
     # ------------------------------------------------------------------ writes
 
     async def start_session(self, user_id: int, room: str, persona: str, kind: str, options: dict[str, Any],
-                            session_id: str | None = None) -> str:
+                            session_id: str | None = None, owner: str | None = None) -> str:
         sid = session_id or new_session_id()
         async with self._session() as s:
             s.add(Session(id=sid, user_id=user_id, room=room, persona=persona, kind=kind,
                           role=options.get("role"), language=options.get("language"), level=options.get("level"),
-                          options=options, status="active"))
+                          options=options, status="active", owner=owner))
             await s.commit()
         return sid
 
@@ -145,11 +145,14 @@ class Store:
             await s.execute(update(Session).where(Session.id == session_id).values(result=result))
             await s.commit()
 
-    async def mark_interrupted(self) -> int:
-        """At start-up: sessions still 'active' belonged to a process that died."""
+    async def mark_interrupted(self, owner: str | None = None) -> int:
+        """At start-up: sessions this server instance left 'active' belonged to a process that died.
+        With ``owner``, other instances' live sessions on a shared database are left alone."""
+        q = update(Session).where(Session.status == "active")
+        if owner is not None:
+            q = q.where((Session.owner == owner) | Session.owner.is_(None))
         async with self._session() as s:
-            result = await s.execute(update(Session).where(Session.status == "active")
-                                     .values(status="interrupted", ended_at=utcnow()))
+            result = await s.execute(q.values(status="interrupted", ended_at=utcnow()))
             await s.commit()
             return result.rowcount or 0
 

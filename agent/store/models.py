@@ -39,6 +39,8 @@ class Session(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     result: Mapped[dict | None] = mapped_column(JSON)  # the scorecard or the teacher's summary
+    # The server instance that runs it (host/mode): a restart only marks its own sessions interrupted.
+    owner: Mapped[str | None] = mapped_column(String(128))
     turns: Mapped[list[Turn]] = relationship(order_by="Turn.seq", cascade="all, delete-orphan")
     evaluations: Mapped[list[Evaluation]] = relationship(order_by="Evaluation.id", cascade="all, delete-orphan")
     __table_args__ = (Index("ix_sessions_user_started", "user_id", "started_at"),)
