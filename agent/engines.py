@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.llm import LLMOptions, OpenAILLM
-from pipeline.stt import WhisperOptions, WhisperSTT, shared_whisper
+from pipeline.stt import STT, WhisperOptions, shared_whisper
 from pipeline.tts import TTS, make_tts
 
 from .config import Settings, cache_dir
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Engines:
-    stt: WhisperSTT
+    stt: STT  # WhisperSTT, or RemoteSTT with settings.stt_worker
     tts: TTS
     llm: OpenAILLM | None  # None: offline personas
     stt_status: str = "not loaded"
@@ -32,15 +32,27 @@ class Engines:
             log.error("speech recognition unavailable: %s", e)
 
     async def aclose(self) -> None:
+        if hasattr(self.stt, "aclose"):  # RemoteSTT: its connection; the in-process engine is shared
+            await self.stt.aclose()
         if self.llm is not None:
             await self.llm.aclose()
 
 
-def build_engines(settings: Settings) -> Engines:
-    stt = shared_whisper(WhisperOptions(
+def whisper_options(settings: Settings) -> WhisperOptions:
+    return WhisperOptions(
         model=settings.stt_model, device=settings.stt_device, compute_type=settings.stt_compute_type,
         max_new_tokens=settings.stt_max_new_tokens, download_root=str(cache_dir() / "models"),
-    ))
+        batch_size=settings.stt_batch_size, batch_wait_ms=settings.stt_batch_wait_ms,
+    )
+
+
+def build_engines(settings: Settings) -> Engines:
+    if settings.stt_worker:
+        from pipeline.stt_remote import RemoteSTT
+
+        stt = RemoteSTT(settings.stt_worker)
+    else:
+        stt = shared_whisper(whisper_options(settings))
     llm = None
     if not settings.offline_llm:
         llm = OpenAILLM(LLMOptions(base_url=settings.llm_base_url, api_key=settings.llm_api_key,

@@ -4,25 +4,47 @@
 frame is due, so nothing is buffered between the pipeline and Opus and a barge-in is heard as
 silence in the very next frame. After a stall (a slow event loop) it re-anchors its clock instead
 of bursting frames to catch up.
+
+Where aiortc's defaults cost latency or CPU, the peer does it its own way (bench/transport.py and
+bench/rooms.py measure both; every room moves 50 frames a second each way):
+- out: the track hands aiortc Opus packets it encodes itself (aiortc's documented pre-encoded
+  path) instead of raw frames. aiortc would otherwise compute an RFC 6465 audio level in pure
+  Python (~90 us a frame), hop to a thread pool to encode stereo, and encode silence for the
+  three quarters of the time the agent is quiet; here silence is one cached packet and speech is
+  encoded mono in place (~80 us).
+- in, buffering: aiortc's audio jitter buffer holds each packet until 4 later ones have arrived
+  (80 ms before the pipeline hears the person) and, after a single lost packet, keeps 14 packets
+  (280 ms) held for the rest of the call. Parley analyses that audio and does not play it out:
+  ``_InOrderBuffer`` lets each packet go as soon as the ones before it have.
+- in, decoding: each received frame is decoded in the event loop, to mono, instead of by a decoder
+  thread per connection that wakes the loop through ``run_coroutine_threadsafe`` for every frame.
+``FAST_PATHS = False`` restores aiortc's own paths for all of it.
 """
 from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 
 from pipeline.frames import OUTPUT_FRAME_SAMPLES, OUTPUT_RATE, AudioFrame
+from pipeline.player import SILENCE
 
 log = logging.getLogger(__name__)
 TIME_BASE = fractions.Fraction(1, OUTPUT_RATE)
+FAST_PATHS = True  # the pre-encoded voice, the in-order receive buffer and in-loop decoding above
+VOICE_BITRATE = 48_000  # mono speech; aiortc's own encoder sends 96 kbit/s stereo
 
 
 class SignalingError(ValueError):
@@ -30,16 +52,26 @@ class SignalingError(ValueError):
 
 
 class AgentVoiceTrack(MediaStreamTrack):
+    """Counters: ``frames`` sent; ``late_frames`` handed to the encoder more than ``LATE_S`` after
+    their slot on the audio clock (the event loop was too busy: the listener may hear a gap);
+    ``resyncs``, stalls of more than ``RESYNC_S`` after which the clock was re-anchored."""
+
     kind = "audio"
+    LATE_S = 0.02
+    RESYNC_S = 0.1
 
     def __init__(self, source: Callable[[], np.ndarray]):
         super().__init__()
         self._source = source
         self._start: float | None = None
         self._pts = 0
+        self._encoder = VoiceEncoder() if FAST_PATHS else None
+        self.frames = 0
+        self.late_frames = 0
+        self.max_late_s = 0.0
         self.resyncs = 0
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
@@ -50,20 +82,206 @@ class AgentVoiceTrack(MediaStreamTrack):
             due = self._start + self._pts / OUTPUT_RATE
             if due > now:
                 await asyncio.sleep(due - now)  # pacing to the audio clock, not waiting for an event
-            elif now - due > 0.1:
+                now = time.monotonic()
+            if now - due > self.RESYNC_S:
                 self._start = now - self._pts / OUTPUT_RATE
                 self.resyncs += 1
+            late = now - due
+            if late > self.LATE_S:
+                self.late_frames += 1
+            if late > self.max_late_s:
+                self.max_late_s = late
+        self.frames += 1
         pcm = self._source()
+        if self._encoder is not None:
+            packet = self._encoder.encode(pcm)
+        else:
+            packet = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            packet.sample_rate = OUTPUT_RATE
+        packet.pts = self._pts
+        packet.time_base = TIME_BASE
+        return packet
+
+
+def _opus_encoder() -> av.CodecContext:
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate, codec.layout, codec.format = OUTPUT_RATE, "mono", "s16"
+    codec.bit_rate = VOICE_BITRATE
+    codec.options = {"application": "voip"}
+    codec.time_base = TIME_BASE
+    return codec
+
+
+@functools.lru_cache(maxsize=1)
+def _silence_payload() -> bytes:
+    """One 20 ms Opus packet of digital silence, as a running encoder makes it."""
+    codec = _opus_encoder()
+    zeros = np.zeros((1, OUTPUT_FRAME_SAMPLES), np.int16)
+    payload = b""
+    for i in range(10):  # past the encoder's start-up
+        frame = av.AudioFrame.from_ndarray(zeros, format="s16", layout="mono")
+        frame.sample_rate, frame.pts = OUTPUT_RATE, i * OUTPUT_FRAME_SAMPLES
+        for packet in codec.encode(frame):
+            payload = bytes(packet)
+    return payload
+
+
+class VoiceEncoder:
+    """20 ms int16 mono frames -> Opus packets (mono: an ``opus/48000/2`` receiver decodes both).
+
+    Silence encodes to the same packet every time, so it is not encoded again: the player returns
+    silence whenever the agent is quiet. The first silent frame after speech still goes through
+    the encoder, which holds 6.5 ms of look-ahead: that flushes the end of the last word."""
+
+    def __init__(self) -> None:
+        self._codec = _opus_encoder()
+        self._silence = _silence_payload()
+        self._flush = False
+        self._n = 0
+
+    def encode(self, pcm: np.ndarray) -> av.Packet:
+        silent = pcm is SILENCE or not pcm.any()
+        if silent and not self._flush:
+            return av.Packet(self._silence)
+        self._flush = not silent
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = OUTPUT_RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        return frame
+        frame.sample_rate, frame.pts = OUTPUT_RATE, self._n
+        self._n += OUTPUT_FRAME_SAMPLES
+        packets = self._codec.encode(frame)  # libopus answers every 20 ms frame with one packet
+        return packets[0] if packets else av.Packet(self._silence)
+
+
+class _Frames(JitterFrame):
+    """What ``_InOrderBuffer`` releases at once: the first frame (whose timestamp the receiver maps)
+    and the ones that became ready with it, with their RTP timestamps."""
+
+    raw_timestamp: int
+    more: list[JitterFrame]
+
+
+class _InOrderBuffer:
+    """Takes the place of aiortc's audio ``JitterBuffer`` in front of ``_DecodeInLoop``.
+
+    Opus puts one frame in each RTP packet, so a packet can leave as soon as every earlier one has:
+    in order, at once. A missing packet is waited for while up to ``MAX_WAIT`` later ones arrive
+    (60 ms of reordering), then counted lost and skipped; whatever became ready leaves together
+    (``_Frames.more``), so a loss never leaves a backlog behind."""
+
+    MAX_WAIT = 3
+
+    def __init__(self) -> None:
+        self._next: int | None = None  # the sequence number due next
+        self._held: dict[int, object] = {}
+        self.lost = 0
+        self.late = 0  # arrived after it was given up on (or duplicated): dropped
+
+    def add(self, packet) -> tuple[bool, _Frames | None]:
+        seq = packet.sequence_number
+        if self._next is None:
+            self._next = seq
+        ahead = (seq - self._next) & 0xFFFF
+        if ahead >= 0x8000:
+            self.late += 1
+            return False, None
+        if ahead > 3000:  # a minute ahead: no reordering does that, the sender started over
+            self._held.clear()
+            self._next = seq
+        self._held[seq] = packet
+        ready = []
+        while self._held:
+            p = self._held.pop(self._next, None)
+            if p is None:
+                if len(self._held) <= self.MAX_WAIT:
+                    break
+                first = min(self._held, key=lambda s: (s - self._next) & 0xFFFF)
+                self.lost += (first - self._next) & 0xFFFF
+                self._next = first
+                continue
+            ready.append(p)
+            self._next = (self._next + 1) & 0xFFFF
+        if not ready:
+            return False, None
+        out = _Frames(ready[0]._data, ready[0].timestamp)
+        out.raw_timestamp = ready[0].timestamp
+        out.more = [JitterFrame(p._data, p.timestamp) for p in ready[1:]]
+        return False, out
+
+
+class _DecodeInLoop:
+    """Takes the place of the queue an aiortc receiver feeds its decoder thread: each frame leaving
+    the jitter buffer is decoded here, on the event loop (``put`` is only called from
+    ``RTCRtpReceiver._handle_rtp_packet``), and queued on the track at once. Audio lost on the way
+    is replaced by as much silence (up to a second), so the pipeline's stream time keeps step with
+    the clock. The decoder thread aiortc still starts waits in ``get`` until the receiver stops,
+    then ends the track as usual."""
+
+    MAX_FILL = OUTPUT_RATE
+
+    def __init__(self, track_queue: asyncio.Queue):
+        self._out = track_queue
+        self._codec = av.CodecContext.create("libopus", "r")
+        self._codec.sample_rate, self._codec.layout, self._codec.format = OUTPUT_RATE, "mono", "s16"
+        self._stopped = threading.Event()
+        self._next_pts: int | None = None
+        self.errors = 0
+        self.filled = 0  # samples of silence put in for lost audio
+
+    def put(self, item) -> None:
+        if item is None:
+            self._stopped.set()
+            return
+        _codec, encoded = item
+        self._decode(encoded.data, encoded.timestamp)
+        for f in getattr(encoded, "more", ()):  # mapped like the first: same offset from its RTP timestamp
+            self._decode(f.data, encoded.timestamp + ((f.timestamp - encoded.raw_timestamp) & 0xFFFFFFFF))
+
+    def _decode(self, data: bytes, pts: int) -> None:
+        if self._next_pts is not None and 0 < pts - self._next_pts <= self.MAX_FILL:
+            gap = pts - self._next_pts
+            fill = av.AudioFrame.from_ndarray(np.zeros((1, gap), np.int16), format="s16", layout="mono")
+            fill.sample_rate, fill.pts, fill.time_base = OUTPUT_RATE, self._next_pts, TIME_BASE
+            self._out.put_nowait(fill)
+            self.filled += gap
+        packet = av.Packet(data)
+        packet.pts, packet.time_base = pts, TIME_BASE
+        try:
+            frames = self._codec.decode(packet)
+        except av.FFmpegError as e:  # a corrupt packet: skip it, keep the decoder's state
+            self.errors += 1
+            if self.errors in (1, 100, 10_000):
+                log.warning("cannot decode a received Opus frame (%d so far): %s", self.errors, e)
+            return
+        for frame in frames:
+            self._out.put_nowait(frame)
+            self._next_pts = pts + frame.samples
+
+    def get(self, *args, **kwargs):
+        self._stopped.wait()
+        return None
+
+
+def _tune_receiver(receiver) -> None:
+    """Before the receiver starts (no packet yet): ``_InOrderBuffer`` and ``_DecodeInLoop`` in place
+    of aiortc's buffer and decoder thread. aiortc has no settings for either: its private
+    attributes are checked and, if they are not what this was written against, left alone."""
+    track = getattr(receiver, "_track", None)
+    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    if (FAST_PATHS and getattr(receiver, "_RTCRtpReceiver__decoder_thread", 0) is None
+            and isinstance(buffer, JitterBuffer) and getattr(buffer, "_origin", 0) is None
+            and isinstance(getattr(receiver, "_RTCRtpReceiver__decoder_queue", None), queue.Queue)
+            and isinstance(getattr(track, "_queue", None), asyncio.Queue)):
+        receiver._RTCRtpReceiver__jitter_buffer = _InOrderBuffer()
+        receiver._RTCRtpReceiver__decoder_queue = _DecodeInLoop(track._queue)
 
 
 def audio_frame(frame: av.AudioFrame) -> AudioFrame:
-    """aiortc's decoded frame (packed s16, usually stereo 48 kHz) as a pipeline frame."""
-    channels = len(frame.layout.channels)
+    """A decoded frame (packed s16, mono from ``_DecodeInLoop``, stereo from aiortc's decoder) as a
+    pipeline frame."""
+    layout = frame.layout
+    channels = getattr(layout, "nb_channels", None) or len(layout.channels)
+    if frame.format.name == "s16":  # packed: a view of the frame's buffer, ~6x cheaper than to_ndarray()
+        return AudioFrame(np.frombuffer(frame.planes[0], np.int16, frame.samples * channels), frame.sample_rate,
+                          channels)
     pcm = frame.to_ndarray()
     if frame.format.is_planar:
         pcm = pcm.T
@@ -103,6 +321,9 @@ class Peer:
         audio = next((t for t in self.pc.getTransceivers() if t.kind == "audio"), None)
         if audio is None:
             raise SignalingError("the offer has no usable audio transceiver")
+        for t in self.pc.getTransceivers():
+            if t.kind == "audio":
+                _tune_receiver(t.receiver)
         if audio.sender.track is None:
             audio.sender.replaceTrack(self.voice)
         audio.direction = "sendrecv"

@@ -90,6 +90,11 @@ class Conversation:
         self._last_partial_t = 0.0
         self._closed = False
 
+    @property
+    def turn(self) -> int:
+        """The number of the latest turn (for logs and metrics)."""
+        return self._turn
+
     # ------------------------------------------------------------------ inputs
 
     def push_audio(self, frame: AudioFrame) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import random
@@ -54,6 +55,14 @@ class OpenAILLM:
             max_retries=0,
             timeout=httpx.Timeout(options.first_token_timeout_s, connect=options.connect_timeout_s),
         )
+        # The SDK imports its resource modules, and the HTTP stack its async backend, on first use:
+        # ~40 ms with the event loop blocked, i.e. every room's voice late on the first turn after
+        # start-up. Paid here instead, at start-up.
+        self._client.chat.completions  # noqa: B018
+        try:
+            importlib.import_module("anyio._backends._asyncio")
+        except ImportError:  # a later anyio laid out otherwise: only the first request is slower
+            pass
 
     async def stream(self, messages: list[dict]) -> AsyncIterator[str]:
         import openai

@@ -75,10 +75,10 @@ class Player:
         self._paused = False
 
     def read_frame(self) -> np.ndarray:
-        """The next 20 ms of int16 mono 48 kHz audio; silence when idle or paused."""
+        """The next 20 ms of int16 mono 48 kHz audio (read-only); silence when idle or paused."""
         self.frames_out += 1
-        if self._paused:
-            return SILENCE
+        if self._paused or (not self._queue and self._playing_reply is None):
+            return SILENCE  # shared and never written: the idle path allocates nothing
         out = np.zeros(OUTPUT_FRAME_SAMPLES, np.int16)
         filled = 0
         while filled < OUTPUT_FRAME_SAMPLES and self._queue:

@@ -27,6 +27,7 @@ from .frames import PIPELINE_RATE
 WINDOW = 512  # Silero's window at 16 kHz: 32 ms
 CONTEXT = 64
 WINDOW_S = WINDOW / PIPELINE_RATE
+_SR = np.array(PIPELINE_RATE, np.int64)
 
 
 @lru_cache(maxsize=1)
@@ -56,14 +57,15 @@ class SileroVAD:
 
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), np.float32)
-        self._context = np.zeros((1, CONTEXT), np.float32)
+        # The model's input: the previous window's last 64 samples, then the new window. One buffer
+        # per stream, rewritten in place: this runs 31 times a second in every room.
+        self._x = np.zeros((1, CONTEXT + WINDOW), np.float32)
 
     def __call__(self, window: np.ndarray) -> float:
-        x = np.concatenate([self._context, window.reshape(1, WINDOW).astype(np.float32)], axis=1)
-        out, self._state = self._session.run(
-            None, {"input": x, "state": self._state, "sr": np.array(PIPELINE_RATE, np.int64)}
-        )
-        self._context = x[:, -CONTEXT:]
+        x = self._x
+        x[0, :CONTEXT] = x[0, WINDOW:]
+        x[0, CONTEXT:] = window
+        out, self._state = self._session.run(None, {"input": x, "state": self._state, "sr": _SR})
         return float(out[0][0])
 
 

@@ -1,4 +1,4 @@
-"""Speech-to-text: faster-whisper on the suite's tiny Whisper through WhisperSTT, and the decode scheduler."""
+"""Speech-to-text: faster-whisper on the suite's tiny Whisper through WhisperSTT, its request queue and batching."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ from faster_whisper import WhisperModel
 from driver import Driver
 from pipeline import frames as F
 from pipeline.conversation import Conversation
-from pipeline.stt import STTResult, WhisperOptions, WhisperSTT, _Scheduler, shared_whisper
+from pipeline.stt import STTResult, STTUnavailable, WhisperOptions, WhisperSTT, _Request, _RequestQueue, shared_whisper
 from pipeline.tts import EspeakTTS
 from pipeline.turns import ConversationConfig, TurnOptions
 from pipeline_setup import llm, whisper
@@ -38,6 +38,115 @@ async def test_shared_whisper_is_one_engine_per_options(tiny_whisper_path):
     other = shared_whisper(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=5))
     assert other is not a
     assert shared_whisper(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=5)) is other
+
+
+def _streams(speech) -> list[tuple[np.ndarray, str | None, str | None]]:
+    """16 different requests: every recording, whole and cut, with or without a language and a prompt."""
+    files = ["en_goforward.wav", "en_LDC93S1_timit.wav", "en_birch_canoe.wav", "en_harvard_spk1_snt1.wav",
+             "en_harvard_spk1_snt3.wav", "fr_picovoice_cv.wav", "sb_noise2.wav"]
+    prompts = [None, "Python, Kubernetes, PostgreSQL.", None, "An interview for a senior backend engineer role, "
+               "with questions about distributed systems."]
+    rng = np.random.default_rng(7)
+    out = []
+    for k in range(16):
+        audio = speech(files[k % len(files)])
+        if k >= len(files):
+            audio = audio[: int(rng.integers(len(audio) // 2, len(audio)))]
+        language = ["en", None, "fr", "en"][k % 4] if "noise" not in files[k % len(files)] else None
+        out.append((audio, language, prompts[(k // 2) % 4]))
+    return out
+
+
+def test_batched_log_mel_is_faster_whispers_bit_for_bit_and_torchs_within_rounding(speech):
+    from faster_whisper.audio import pad_or_trim
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from pipeline.stt import log_mel_batch, log_mel_torch
+
+    long = np.tile(speech("fr_picovoice_cv.wav"), 5)[: 30 * 16000]  # exactly one window
+    audios = [speech(n) for n in ("en_goforward.wav", "fr_picovoice_cv.wav", "sb_noise2.wav")] + [
+        speech("en_birch_canoe.wav")[:4321], long]
+    extra = [1, 4]  # rows that also want language-detection windows
+    for n_mels in (80, 128):  # large-v3 has 128 mel bins
+        fe = FeatureExtractor(feature_size=n_mels)
+        windows, detect = log_mel_batch(fe, audios, extra)
+        assert windows.shape == (5, n_mels, 3000) and detect.shape == (2, n_mels, 3000)
+        for audio, window in zip(audios, windows):
+            alone = fe(audio)  # what WhisperModel.transcribe computes, then pads, for one request
+            assert np.array_equal(window, pad_or_trim(alone[:, : alone.shape[-1] - 1]))
+        for i, window in zip(extra, detect):
+            assert np.array_equal(window, pad_or_trim(fe(audios[i])[..., :3000]))  # detect_language's window
+        t_windows, t_detect = log_mel_torch(fe, audios, extra, device="cpu")  # the GPU path, on the CPU
+        assert np.abs(t_windows.numpy() - windows).max() < 1e-3 and np.abs(t_detect.numpy() - detect).max() < 1e-3
+
+
+async def test_sixteen_concurrent_streams_batched_give_the_text_of_each_decoded_alone(tiny_whisper_path, speech):
+    options = WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=40, batch_size=16,
+                             batch_wait_ms=200)
+    streams = _streams(speech)
+    stt = WhisperSTT(options)
+    try:
+        await stt.warm_up()
+        results = await asyncio.wait_for(asyncio.gather(*[
+            stt.transcribe(audio, final=True, language=lang, prompt=prompt) for audio, lang, prompt in streams]), 120)
+        assert stt.stats.requests == 16 and stt.stats.batches <= 2  # decoded together, not one by one
+    finally:
+        stt.close()
+    model = WhisperModel(str(tiny_whisper_path), device="cpu", compute_type="int8")
+    for (audio, lang, prompt), got in zip(streams, results):
+        # What the engine did before batching: faster-whisper's own transcribe, one request alone.
+        segments, info = model.transcribe(
+            audio, language=lang, initial_prompt=prompt, beam_size=1, temperature=0.0, without_timestamps=True,
+            condition_on_previous_text=False, vad_filter=False, max_new_tokens=40,
+            no_speech_threshold=options.no_speech_threshold, log_prob_threshold=options.logprob_threshold)
+        segments = list(segments)
+        assert got.text == " ".join(s.text.strip() for s in segments).strip()
+        assert got.language == info.language
+        if segments:
+            assert got.no_speech_prob == segments[0].no_speech_prob
+            assert got.avg_logprob == pytest.approx(segments[0].avg_logprob, abs=1e-12)
+    assert sum(bool(r.text) for r in results) >= 12  # garbage words, but words: the comparison has teeth
+    assert {r.language for r in results} >= {"en", "fr"}
+
+
+async def test_hallucination_filter_drops_probable_silence_and_subtitle_credits(tiny_whisper_path):
+    from types import SimpleNamespace
+
+    stt = whisper(tiny_whisper_path)
+    model = stt.load()
+    tok = stt._tokenizer(model, "en")
+
+    def decoded(text: str, no_speech: float, avg_logprob: float) -> STTResult:
+        tokens = tok.encode(" " + text)
+        score = avg_logprob * (len(tokens) + 1) / len(tokens)  # CTranslate2's length-normalised score
+        return stt._result(model, "en", SimpleNamespace(sequences_ids=[tokens], scores=[score],
+                                                         no_speech_prob=no_speech), 2.0)
+
+    kept = decoded("Go forward ten meters.", 0.1, -0.3)
+    assert (kept.text, kept.no_speech_prob) == ("Go forward ten meters.", 0.1)
+    assert kept.avg_logprob == pytest.approx(-0.3)
+    # Probably silence and decoded with low confidence: no text, as faster-whisper skips the window.
+    silent = decoded("Go forward ten meters.", 0.8, -1.5)
+    assert (silent.text, silent.no_speech_prob, silent.avg_logprob) == ("", 1.0, 0.0)
+    assert decoded("Go forward ten meters.", 0.8, -0.5).text  # confident enough: kept
+    assert decoded("Thank you.", 0.3, -0.5).text == ""  # a subtitle credit over likely silence
+    assert decoded("Thank you.", 0.05, -0.5).text == "Thank you."  # ...but people do say it
+
+
+async def test_replicas_take_their_own_batches_and_agree(tiny_whisper_path, speech):
+    streams = _streams(speech)[:8]
+    two = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=12, batch_size=4,
+                                    replicas=2))
+    try:
+        got = await asyncio.wait_for(asyncio.gather(*[
+            two.transcribe(audio, final=True, language=lang, prompt=prompt) for audio, lang, prompt in streams]), 60)
+        assert len(two._workers) == 2 and two.stats.requests == 8
+    finally:
+        two.close()
+    assert not any(w.is_alive() for w in two._workers)
+    one = whisper(tiny_whisper_path)
+    alone = [await one.transcribe(audio, final=True, language=lang, prompt=prompt) for audio, lang, prompt in streams]
+    assert [(r.text, r.language) for r in got] == [(r.text, r.language) for r in alone]
 
 
 async def test_language_is_passed_through_or_detected(tiny_whisper_path, speech):
@@ -112,59 +221,116 @@ async def test_partials_while_speaking_then_one_final(tiny_whisper_path, fake_ll
     assert not conv._tasks
 
 
-# ---------------------------------------------------------------------- the decode scheduler
+# ---------------------------------------------------------------------- the request queue
 
 
-async def _queue(scheduler: _Scheduler, name: str, final: bool, order: list[str], deadline: float | None = None):
-    """Start a waiter and let it reach the queue (one loop iteration, no timing involved)."""
-
-    async def waiter():
-        granted = await scheduler.acquire(final, deadline)
-        order.append(name if granted else f"{name}:dropped")
-        if granted:
-            scheduler.release()  # the "decode" is instant: pass the slot on
-
-    task = asyncio.create_task(waiter())
-    await asyncio.sleep(0)
-    return task
+def req(name: str, final: bool, deadline: float | None = None) -> _Request:
+    r = _Request(np.zeros(1, np.float32), final, None, None, deadline)
+    r.name = name
+    return r
 
 
-async def test_scheduler_serves_finals_first_then_newest_partials():
-    s, order = _Scheduler(), []
-    assert await s.acquire(final=False, deadline=None)  # free: granted at once
-    tasks = [await _queue(s, "p1", False, order), await _queue(s, "f1", True, order),
-             await _queue(s, "p2", False, order), await _queue(s, "f2", True, order)]
-    assert s.queued == 4 and not order
-    s.release()
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+def names(batch) -> list[str]:
+    return [r.name for r in batch]
+
+
+def test_queue_serves_finals_first_then_newest_partials():
+    q = _RequestQueue(max_queue=10)
+    for r in [req("p1", False), req("f1", True), req("p2", False), req("f2", True), req("p3", False)]:
+        assert q.offer(r) == (True, None)
+    assert len(q) == 5
     # Finals in arrival order; then partials newest first (an older partial is superseded anyway).
-    assert order == ["f1", "f2", "p2", "p1"]
-    assert s.queued == 0 and await s.acquire(final=True, deadline=None)  # the slot is free again
+    assert names(q.take(max_n=3, wait_s=0)) == ["f1", "f2", "p3"]
+    assert names(q.take(max_n=3, wait_s=0)) == ["p2", "p1"]
+    assert len(q) == 0 and q.take(max_n=3, wait_s=0, idle_timeout_s=0.01) == []
 
 
-async def test_scheduler_drops_partials_past_their_deadline():
-    s, order = _Scheduler(), []
-    assert await s.acquire(final=True, deadline=None)
-    # Already past its deadline while the slot is busy: dropped at once, not queued.
-    assert await s.acquire(final=False, deadline=time.monotonic()) is False
-    assert s.queued == 0
-    fresh = await _queue(s, "fresh", False, order, deadline=time.monotonic() + 60)
-    final = await _queue(s, "final", True, order)
-    s.release()
-    await asyncio.wait_for(asyncio.gather(fresh, final), 5)
-    assert order == ["final", "fresh"]
+def test_queue_drops_stale_partials_without_decoding_them_never_finals():
+    q = _RequestQueue(max_queue=10)
+    now = time.monotonic()
+    old_final, stale, fresh = req("old-final", True), req("stale", False, deadline=now), req("fresh", False, now + 60)
+    for r in (old_final, stale, fresh):
+        q.offer(r)
+    # One slot left after the final: the fresh partial takes it; the stale one is dropped, not left queued.
+    assert names(q.take(max_n=2, wait_s=0)) == ["old-final", "fresh"]
+    assert stale.future.result(timeout=1) is None and q.dropped_stale == 1
+    assert len(q) == 0
 
 
-async def test_scheduler_passes_on_a_slot_granted_to_a_cancelled_waiter():
-    s, order = _Scheduler(), []
-    assert await s.acquire(final=True, deadline=None)
-    gone = await _queue(s, "gone", True, order)
-    after = await _queue(s, "after", False, order)
-    s.release()  # grants "gone", which is cancelled before it can run
-    gone.cancel()
-    await asyncio.wait_for(asyncio.gather(gone, after, return_exceptions=True), 5)
-    assert gone.cancelled() and order == ["after"]
-    assert await s.acquire(final=True, deadline=None)
+def test_queue_skips_a_cancelled_request_and_frees_its_place():
+    q = _RequestQueue(max_queue=2)
+    gone, after = req("gone", True), req("after", False)
+    q.offer(gone)
+    q.offer(after)
+    assert gone.future.cancel()  # its caller gave up before the worker took it
+    assert len(q) == 1
+    assert q.offer(req("room", True)) == (True, None)  # the cancelled request's place is free again
+    assert names(q.take(max_n=8, wait_s=0)) == ["room", "after"]
+    assert not gone.future.running()
+
+
+def test_full_queue_refuses_partials_and_finals_take_a_partials_place_or_wait():
+    q = _RequestQueue(max_queue=2)
+    p1, f1 = req("p1", False), req("f1", True)
+    q.offer(p1)
+    q.offer(f1)
+    assert q.offer(req("p2", False)) == (False, None)  # refused at once: the caller gets None
+    f2 = req("f2", True)
+    assert q.offer(f2) == (True, None)  # a final evicts the oldest queued partial
+    assert p1.future.result(timeout=1) is None
+    ok, space = q.offer(req("f3", True))  # only finals queued: this one waits for room
+    assert not ok and space is not None and not space.done()
+    assert names(q.take(max_n=1, wait_s=0)) == ["f1"]
+    assert space.result(timeout=1) is None  # room: the waiting final offers again
+    assert q.offer(req("f3", True)) == (True, None)
+
+
+def test_queue_batch_window_waits_for_company_but_not_for_a_full_batch():
+    import threading
+
+    q = _RequestQueue(max_queue=10)
+    q.offer(req("a", True))
+    threading.Timer(0.05, lambda: q.offer(req("b", True))).start()
+    t0 = time.monotonic()
+    assert names(q.take(max_n=4, wait_s=2.0)) == ["a", "b"]  # "b" joined within the window...
+    assert time.monotonic() - t0 >= 1.5  # ...which ran to its end, the batch not being full
+    for n in "cdef":
+        q.offer(req(n, n != "f"))
+    t0 = time.monotonic()
+    assert names(q.take(max_n=4, wait_s=2.0)) == ["c", "d", "e", "f"]
+    assert time.monotonic() - t0 < 1.0  # a full batch goes at once
+
+
+def test_queue_shares_a_backlog_among_idle_workers():
+    import threading
+
+    q = _RequestQueue(max_queue=20)
+    batches: list[list[str]] = []
+
+    def worker():
+        batches.append(names(q.take(max_n=8, wait_s=0.5, idle_timeout_s=5)))
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for w in workers:
+        w.start()
+    time.sleep(0.1)  # both idle in take()
+    for k in range(6):
+        q.offer(req(f"f{k}", True))
+    for w in workers:
+        w.join(5)
+    # Six requests, two idle workers (one replica each): three each, decoded side by side.
+    assert sorted(len(b) for b in batches) == [3, 3]
+    assert sorted(n for b in batches for n in b) == [f"f{k}" for k in range(6)]
+
+
+def test_closed_queue_hands_back_what_was_queued():
+    q = _RequestQueue(max_queue=10)
+    a = req("a", True)
+    q.offer(a)
+    assert names(q.close()) == ["a"]
+    assert q.take(max_n=4, wait_s=0) is None
+    with pytest.raises(STTUnavailable):
+        q.offer(req("b", True))
 
 
 async def test_stale_partial_is_dropped_by_a_busy_engine(tiny_whisper_path, speech):
@@ -180,8 +346,8 @@ async def test_stale_partial_is_dropped_by_a_busy_engine(tiny_whisper_path, spee
         stt.close()
 
 
-async def test_cancelled_decode_keeps_the_slot_until_the_thread_is_done(tiny_whisper_path, speech):
-    # Long decodes (~0.2 s: 200 tokens of garbage), so the abandoned one is surely still running.
+async def test_a_request_cancelled_while_decoding_does_not_let_a_partial_overtake_a_final(tiny_whisper_path, speech):
+    # Long decodes (200 tokens of garbage), so the abandoned one is surely still running.
     stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=200))
     try:
         await _abandon_a_decode_then_race(stt, speech("en_birch_canoe.wav"))
@@ -192,7 +358,7 @@ async def test_cancelled_decode_keeps_the_slot_until_the_thread_is_done(tiny_whi
 async def _abandon_a_decode_then_race(stt: WhisperSTT, audio: np.ndarray) -> None:
     await stt.warm_up()
     abandoned = asyncio.create_task(stt.transcribe(audio, final=False, language="en"))
-    await asyncio.sleep(0)  # one iteration: it holds the slot and its decode is running
+    await asyncio.sleep(0.1)  # past the batch window: its decode is running
     abandoned.cancel()
     with pytest.raises(asyncio.CancelledError):
         await abandoned
@@ -206,6 +372,32 @@ async def _abandon_a_decode_then_race(stt: WhisperSTT, audio: np.ndarray) -> Non
     await asyncio.sleep(0)
     final = asyncio.create_task(run("final", True))
     await asyncio.wait_for(asyncio.gather(partial, final), 30)
-    # The partial asked first, but the slot was still held by the abandoned decode, so the final
-    # (which a person is waiting for) went first.
+    # The partial asked first, but the engine was still busy with the abandoned decode, so both
+    # queued and the final (which a person is waiting for) was served first.
     assert order == ["final", "partial"]
+    assert stt.queue_depth == 0
+
+
+async def test_closed_engine_fails_queued_and_new_requests_clearly(tiny_whisper_path, speech):
+    stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=200, batch_size=1))
+    audio = speech("en_birch_canoe.wav")
+    await stt.warm_up()
+    running = asyncio.create_task(stt.transcribe(audio, final=True, language="en"))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(stt.transcribe(audio, final=True, language="en"))
+    await asyncio.sleep(0.01)
+    stt.close()  # waits for the batch being decoded
+    assert (await asyncio.wait_for(running, 10)).text  # the batch already decoding finished
+    with pytest.raises(STTUnavailable, match="closed"):
+        await asyncio.wait_for(queued, 10)
+    with pytest.raises(STTUnavailable, match="closed"):
+        await stt.transcribe(audio, final=True, language="en")
+    assert stt._workers and not any(w.is_alive() for w in stt._workers)  # close() left no thread behind
+
+
+async def test_shared_whisper_replaces_a_closed_engine(tiny_whisper_path):
+    options = WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=7)
+    a = shared_whisper(options)
+    a.close()
+    b = shared_whisper(options)
+    assert b is not a and not b.closed and shared_whisper(options) is b
