@@ -11,13 +11,15 @@ With ``--partials`` each utterance also sends a partial of its first 60 % just b
 as a conversation's last interim decode is still queued when the person stops.
 
 Both modes run the same engine code: "batched" with ``batch_size`` (default 8 on a CPU, 16 on a
-GPU) and a ``batch_wait_ms`` window; "one-at-a-time" with ``batch_size=1`` (the engine before
-batching: one decode after another, finals first).
+GPU) and a ``batch_wait_ms`` window; "one-at-a-time" with ``batch_size=1`` (one decode after
+another, finals first, as before batching). Per stream count the two modes alternate (``--rounds``),
+so a change of load on the host weighs on both alike.
 
-The model has random weights (none can be downloaded here) and real dimensions: on a CPU the test
-suite's toy Whisper (``tests/tiny_whisper.py``), on a GPU large-v3-turbo's architecture. Its text
-is garbage, so every decode is made to run a fixed number of tokens (end-of-text suppressed):
-``--decode-tokens``, 16 by default, about a 3 s utterance of real speech.
+The model has random weights (none can be downloaded here): on a CPU the test suite's toy Whisper
+(``tests/tiny_whisper.py``; ``--arch tiny|base|small`` for real sizes), on a GPU large-v3-turbo's
+real dimensions (``--device cuda``). Its text is garbage, so every decode is made to run a fixed
+number of tokens (end-of-text suppressed): ``--decode-tokens``, 16 by default, about a 3 s
+utterance of real speech.
 
 Reported per (streams, mode): audio seconds transcribed per wall second, final latency p50/p95
 (submit -> text), mean batch size, and where the worker's time went per request: log-mel features,
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arch", default=None, help="tiny-test (the test suite's toy model; CPU default), tiny, base, "
                     "small, large-v3-turbo (GPU default)")
     ap.add_argument("--compute-type", default="auto")
-    ap.add_argument("--cpu-threads", type=int, default=0, help="CTranslate2 threads per replica (0: the cores shared among the replicas)")
+    ap.add_argument("--cpu-threads", type=int, default=0,
+                    help="CTranslate2 threads per replica (0: the cores shared among the replicas)")
     ap.add_argument("--replicas", type=int, default=1, help="batched mode's model replicas, each batching on its own")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's allocator as it is (see "
                     "pipeline.stt._keep_freed_memory)")
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = asyncio.run(bench(args))
     gains, cpu_gains = speedups(result["runs"]), speedups(result["runs"], "audio_s_per_cpu_s")
     print("\nbatched / one-at-a-time, audio s per wall s: " + ", ".join(f"{n} streams {g}x" for n, g in gains.items()))
-    print("batched / one-at-a-time, audio s per CPU s:  " + ", ".join(f"{n} streams {g}x" for n, g in cpu_gains.items()))
+    print("batched / one-at-a-time, audio s per CPU s:  "
+          + ", ".join(f"{n} streams {g}x" for n, g in cpu_gains.items()))
     out = {
         "benchmark": "STT engine: N concurrent streams of finals (closed loop), batched vs one-at-a-time",
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),

@@ -1,13 +1,15 @@
 """Speech-to-text: faster-whisper behind a small protocol, batched across every conversation.
 
-One model per process (``shared_whisper``), owned by one worker thread. Every room's requests go into
-one bounded queue; the worker takes them in micro-batches (finals first, oldest first; then partials,
-newest first), drops partials that waited past their deadline without decoding them, and decodes a
-whole batch at once one level below ``WhisperModel.transcribe``: log-mel features for the batch
-(numpy on the CPU, torch on a GPU), one CTranslate2 ``encode``, then ``generate`` per group of
-requests whose prompts have the same shape. For one request the result is exactly what
-``WhisperModel.transcribe`` gives for a single window with temperature 0, without timestamps, not
-conditioned on previous text and without faster-whisper's VAD (``tests/test_stt.py`` compares them).
+One model per process (``shared_whisper``), owned by one worker thread (one per replica, if asked).
+Every room's requests go into one bounded queue; the worker takes them in micro-batches (finals
+first, oldest first; then partials, newest first), drops partials that waited past their deadline
+without decoding them, and decodes a whole batch at once one level below ``WhisperModel.transcribe``:
+log-mel features for the batch (numpy on the CPU, torch on a GPU), the CTranslate2 encoder (the
+whole batch on a GPU; window by window on a CPU, where batching it gains nothing), then one
+``generate`` per group of requests whose prompts have the same shape. For one request the result is
+exactly what ``WhisperModel.transcribe`` gives for a single window with temperature 0, without
+timestamps, not conditioned on previous text and without faster-whisper's VAD (``tests/test_stt.py``
+compares them). Audio longer than one 30 s window is trimmed to it (the VAD never makes longer).
 
 ``pipeline.stt_remote`` serves the same engine to other processes over a Unix socket.
 """
@@ -317,10 +319,12 @@ class EngineStats:
     audio_s: float = 0.0
     busy_s: float = 0.0  # worker time spent decoding, summed over the workers
     stage_s: dict[str, float] = field(default_factory=dict)  # features / encode / decode, summed over replicas
+    recent: deque = field(default_factory=lambda: deque(maxlen=100), repr=False)  # sizes of the last batches
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def batch_done(self, busy_s: float, results: list) -> None:
         with self._lock:
+            self.recent.append(len(results))
             self.batches += 1
             self.busy_s += busy_s
             self.requests += len(results)
@@ -391,6 +395,11 @@ class WhisperSTT:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def recent_batch_sizes(self) -> list[int]:
+        """Requests decoded by each of the last 100 batches (for /metrics)."""
+        return list(self.stats.recent)
 
     async def transcribe(
         self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None

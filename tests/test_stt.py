@@ -90,6 +90,7 @@ async def test_sixteen_concurrent_streams_batched_give_the_text_of_each_decoded_
         results = await asyncio.wait_for(asyncio.gather(*[
             stt.transcribe(audio, final=True, language=lang, prompt=prompt) for audio, lang, prompt in streams]), 120)
         assert stt.stats.requests == 16 and stt.stats.batches <= 2  # decoded together, not one by one
+        assert sum(stt.recent_batch_sizes) == 16 and max(stt.recent_batch_sizes) >= 8  # what /metrics shows
     finally:
         stt.close()
     model = WhisperModel(str(tiny_whisper_path), device="cpu", compute_type="int8")
