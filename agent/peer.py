@@ -217,8 +217,11 @@ class _DecodeInLoop:
 
     MAX_FILL = OUTPUT_RATE
 
-    def __init__(self, track_queue: asyncio.Queue):
+    def __init__(self, track_queue: asyncio.Queue, sink: Callable[[av.AudioFrame], None] | None = None):
+        """``sink``: called with each decoded frame instead of queueing it for the track's reader
+        (one task wake-up less per frame, and one loop iteration less of latency under load)."""
         self._out = track_queue
+        self._sink = sink
         self._codec = av.CodecContext.create("libopus", "r")
         self._codec.sample_rate, self._codec.layout, self._codec.format = OUTPUT_RATE, "mono", "s16"
         self._stopped = threading.Event()
@@ -240,7 +243,7 @@ class _DecodeInLoop:
             gap = pts - self._next_pts
             fill = av.AudioFrame.from_ndarray(np.zeros((1, gap), np.int16), format="s16", layout="mono")
             fill.sample_rate, fill.pts, fill.time_base = OUTPUT_RATE, self._next_pts, TIME_BASE
-            self._out.put_nowait(fill)
+            self._emit(fill)
             self.filled += gap
         packet = av.Packet(data)
         packet.pts, packet.time_base = pts, TIME_BASE
@@ -252,15 +255,21 @@ class _DecodeInLoop:
                 log.warning("cannot decode a received Opus frame (%d so far): %s", self.errors, e)
             return
         for frame in frames:
-            self._out.put_nowait(frame)
+            self._emit(frame)
             self._next_pts = pts + frame.samples
+
+    def _emit(self, frame: av.AudioFrame) -> None:
+        if self._sink is not None:
+            self._sink(frame)
+        else:
+            self._out.put_nowait(frame)
 
     def get(self, *args, **kwargs):
         self._stopped.wait()
         return None
 
 
-def _tune_receiver(receiver) -> None:
+def _tune_receiver(receiver, sink: Callable[[av.AudioFrame], None] | None = None) -> None:
     """Before the receiver starts (no packet yet): ``_InOrderBuffer`` and ``_DecodeInLoop`` in place
     of aiortc's buffer and decoder thread. aiortc has no settings for either: its private
     attributes are checked and, if they are not what this was written against, left alone."""
@@ -271,7 +280,7 @@ def _tune_receiver(receiver) -> None:
             and isinstance(getattr(receiver, "_RTCRtpReceiver__decoder_queue", None), queue.Queue)
             and isinstance(getattr(track, "_queue", None), asyncio.Queue)):
         receiver._RTCRtpReceiver__jitter_buffer = _InOrderBuffer()
-        receiver._RTCRtpReceiver__decoder_queue = _DecodeInLoop(track._queue)
+        receiver._RTCRtpReceiver__decoder_queue = _DecodeInLoop(track._queue, sink)
 
 
 def audio_frame(frame: av.AudioFrame) -> AudioFrame:
@@ -300,7 +309,8 @@ class Peer:
         self.voice = AgentVoiceTrack(voice)
         self.channel = None
         self._on_audio, self._on_message, self._on_closed = on_audio, on_message, on_closed
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None  # with _DecodeInLoop it only sees the track end
+        self._audio_errors = 0
         self._closed = False
         self.channel_open = asyncio.Event()
         self.connected = asyncio.Event()
@@ -323,7 +333,7 @@ class Peer:
             raise SignalingError("the offer has no usable audio transceiver")
         for t in self.pc.getTransceivers():
             if t.kind == "audio":
-                _tune_receiver(t.receiver)
+                _tune_receiver(t.receiver, self._deliver if t is audio else None)
         if audio.sender.track is None:
             audio.sender.replaceTrack(self.voice)
         audio.direction = "sendrecv"
@@ -362,6 +372,17 @@ class Peer:
     def _on_track(self, track) -> None:
         if track.kind == "audio" and self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read(track), name=f"peer {self.pc_id} audio")
+
+    def _deliver(self, frame: av.AudioFrame) -> None:
+        """The person's audio, straight from ``_DecodeInLoop`` (inside aiortc's packet handling: an
+        exception must not reach it)."""
+        try:
+            self._on_audio(audio_frame(frame))
+        except Exception:
+            self._audio_errors += 1
+            if self._audio_errors in (1, 100, 10_000):
+                log.exception("peer %s: the pipeline failed on received audio (%d times)", self.pc_id,
+                              self._audio_errors)
 
     async def _read(self, track) -> None:
         try:

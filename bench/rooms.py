@@ -47,7 +47,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import ROOT, SERVER_ENV, Server, sleep_until  # noqa: E402
 
-STEPS = [5, 10, 20, 30, 40, 50, 60, 70, 80, 100]
+STEPS = [5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100]
 OTHERS_LIMIT_PCT = 25.0  # other processes' CPU (% of a core) above which a step's failure is re-run once
 QUIET_WAIT_S = 45.0
 ATTEMPTS = 3
@@ -266,14 +266,14 @@ async def quiet(sproc, max_wait_s: float, log) -> float:
 
 async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, tts: str = "tone",
               seed: int = 0, keep_going: bool = False, log=print, stt: str = "tiny",
-              budget_s: float = 420.0) -> dict:
+              budget_s: float = 420.0, aiortc_defaults: bool = False) -> dict:
     import httpx
 
     from fake_llm import FakeLLM
 
     llm = await FakeLLM().start()
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
-        server = Server(llm.url, Path(tmp), tts=tts, stt=stt)
+        server = Server(llm.url, Path(tmp), tts=tts, stt=stt, aiortc_defaults=aiortc_defaults)
         try:
             await server.start()
             sproc = psutil.Process(server.proc.pid)
@@ -319,7 +319,7 @@ async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, 
         "benchmark": "concurrent WebRTC rooms in one server process (aiortc clients on loopback, "
                      f"real speech, stand-in LLM and {tts} TTS, "
                      f"{'tiny Whisper' if stt == 'tiny' else 'instant stand-in'} STT)",
-        "stt": stt, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
+        "stt": stt, "aiortc_defaults": aiortc_defaults, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "criteria": CRITERIA,
         "seconds": seconds, "warmup_s": warmup, "tts": tts,
@@ -376,17 +376,21 @@ def main() -> None:
                     help="tiny: the tests' random-weight Whisper through faster-whisper (its CPU is in the "
                          "server's); instant: a fixed transcript, to measure Parley's own capacity")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after one fails")
+    ap.add_argument("--aiortc-defaults", action="store_true",
+                    help="the server with aiortc's own audio paths (agent/peer.py FAST_PATHS off), to compare")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="2 rooms for a few seconds: checks the machinery")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.smoke:
         args.rooms, args.seconds, args.warmup = [2], 4.0, 3.0
-    name = "rooms" + ("" if args.stt == "tiny" else f"-{args.stt}-stt") + ("-smoke" if args.smoke else "")
+    name = ("rooms" + ("" if args.stt == "tiny" else f"-{args.stt}-stt") + ("-aiortc" if args.aiortc_defaults else "")
+            + ("-smoke" if args.smoke else ""))
     out = args.out or ROOT / "bench" / "results" / f"{name}.json"
     print(HEAD + "\n" + "-" * len(HEAD), flush=True)
     result = asyncio.run(run(args.rooms, args.seconds, args.warmup, args.per_worker, args.tts, args.seed,
-                             args.keep_going, log=lambda s: print(s, flush=True), stt=args.stt))
+                             args.keep_going, log=lambda s: print(s, flush=True), stt=args.stt,
+                             aiortc_defaults=args.aiortc_defaults))
     result["smoke"] = args.smoke
     print()
     print(table(result))

@@ -58,7 +58,8 @@ async def test_the_peer_tunes_its_audio_receiver_before_it_starts(loopback_ice):
         await peer.answer(client.localDescription.sdp)
         receiver = next(t.receiver for t in peer.pc.getTransceivers() if t.kind == "audio")
         assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, P._InOrderBuffer)
-        assert isinstance(receiver._RTCRtpReceiver__decoder_queue, P._DecodeInLoop)
+        decoder = receiver._RTCRtpReceiver__decoder_queue
+        assert isinstance(decoder, P._DecodeInLoop) and decoder._sink == peer._deliver  # no queue, no task hop
     finally:
         await peer.close()
         await client.close()
