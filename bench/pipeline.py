@@ -50,8 +50,10 @@ from pipeline.frames import (  # noqa: E402
     AudioFrame, BotInterrupted, BotStartedSpeaking, Event, TurnMetrics, UserStoppedSpeaking,
 )
 from pipeline.stt import STTResult  # noqa: E402
-from pipeline.tts import TTSChunk, Word  # noqa: E402
 from pipeline.turns import ConversationConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import ToneTTS  # noqa: E402  (the stand-in TTS every benchmark shares)
 
 FRAME_S = 0.02
 RECORDING = ROOT / "tests" / "data" / "en_goforward.wav"  # 2.8 s: speech from 0.5 s to 2.4 s
@@ -76,21 +78,6 @@ class InstantLLM:
 
     async def stream(self, messages: list[dict]) -> AsyncIterator[str]:
         yield REPLY
-
-
-class ToneTTS:
-    """A fixed 24 kHz tone per sentence (what edge-tts delivers), words spread over it (pipeline.tts.TTS)."""
-
-    name = "tone"
-
-    def __init__(self, seconds: float = 0.6, rate: int = 24000):
-        t = np.arange(int(seconds * rate)) / rate
-        self.pcm = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-        self.rate, self.seconds = rate, seconds
-
-    async def synthesize(self, text: str, language: str, voice: str | None = None) -> AsyncIterator[TTSChunk]:
-        words = text.split()
-        yield TTSChunk(self.pcm, self.rate, [Word(w, self.seconds * i / len(words)) for i, w in enumerate(words)])
 
 
 # ---------------------------------------------------------------------- one conversation

@@ -138,7 +138,7 @@ def postgres_url():
         reason = "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)"
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(reason + "; under CI the PostgreSQL tests must run")
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     server = _Server(bin_dir)
     try:
         server.start()

