@@ -269,7 +269,7 @@ def serve(args: argparse.Namespace) -> None:
 
     app.add_api_route("/bench/rooms", rooms, methods=["GET"])
 
-    gc_pauses: list[tuple[int, float]] = []  # (generation, seconds) of collections over 5 ms
+    gc_pauses: list[tuple[int, float]] = []  # (generation, milliseconds) of collections over 5 ms
     gc_start = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:

@@ -64,6 +64,7 @@ async def test_metrics_after_a_typed_turn(parley_server):
     assert after[("parley_voice_frames_total", ())] > 0
     assert ("parley_voice_late_frames_total", ()) in after and ("parley_voice_resyncs_total", ()) in after
     assert ("parley_stt_queue_depth", ()) in after
+    assert ("parley_stt_batch_size", (("stat", "count"),)) in after  # the engine's recent_batch_sizes
 
 
 def test_errors_by_source_and_a_registry_per_app():
