@@ -64,6 +64,13 @@ def sleep_until(t: float):
     return asyncio.sleep(max(t - time.monotonic(), 0))  # waiting for a wall-clock instant, not an event
 
 
+def save_result(out: Path, result: dict) -> None:
+    """Write a benchmark's JSON and say where (every bench reports the same way)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
 # ---------------------------------------------------------------------------------------- server
 
 

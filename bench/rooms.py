@@ -45,7 +45,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, SERVER_ENV, Server, sleep_until  # noqa: E402
+from _harness import ROOT, SERVER_ENV, Server, save_result, sleep_until  # noqa: E402
 
 STEPS = [5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100]
 OTHERS_LIMIT_PCT = 25.0  # other processes' CPU (% of a core) above which a step's failure is re-run once
@@ -394,9 +394,7 @@ def main() -> None:
     result["smoke"] = args.smoke
     print()
     print(table(result))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    save_result(out, result)
 
 
 if __name__ == "__main__":

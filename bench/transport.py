@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import FRAME, ONSET, ROOT, Server, patch_loopback_ice, tone_frame  # noqa: E402
+from _harness import FRAME, ONSET, ROOT, Server, patch_loopback_ice, save_result, tone_frame  # noqa: E402
 
 TIME_BASE = fractions.Fraction(1, 48000)
 PERIOD_S, BURST_FRAMES = 0.6, 5
@@ -369,9 +369,7 @@ def main() -> None:
     result = asyncio.run(run(args.seconds, args.load, args.variants, args.loss))
     result["smoke"] = args.smoke
     print(table(result))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    save_result(out, result)
 
 
 if __name__ == "__main__":
