@@ -88,24 +88,70 @@ class BadMessage(ValueError):
     pass
 
 
+SIGNALLING = "signalling"  # SmallWebRTC's own envelope (track status), not RTVI: no label
+MAX_DEPTH = 32  # deeper JSON than any RTVI message; past ~1000 levels json.loads itself overflows the stack
+MAX_ID_CHARS = 64  # ids are echoed back in replies
+
+
 def parse(raw: str | bytes, max_bytes: int) -> ClientMessage | None:
-    """An RTVI message from the data channel; None for traffic that is not for us (pings, signalling)."""
-    if len(raw) > max_bytes:
-        raise BadMessage(f"message of {len(raw)} bytes is over the {max_bytes}-byte limit")
+    """An RTVI message from the data channel; None for traffic that is not for us (pings, signalling).
+
+    Anything else that is not a well-formed RTVI message raises ``BadMessage`` with a sentence the
+    room sends back as an ``error``: a client never gets silence for a message it got wrong."""
+    if not isinstance(raw, (str, bytes)):
+        raise BadMessage(f"messages are text, not {type(raw).__name__}")
+    # The limit is in bytes as they came over the wire: a str counts characters, up to 4 bytes each.
+    size = len(raw) if isinstance(raw, bytes) or len(raw) > max_bytes else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise BadMessage(f"message of {size} bytes is over the {max_bytes}-byte limit")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode()
         except UnicodeDecodeError:
             raise BadMessage("binary messages are not supported") from None
-    if raw.startswith("ping"):
+    if raw == "ping" or raw.startswith("ping:"):
         return None  # the Pipecat client's keep-alive: "ping: <ms>"
     try:
         msg = json.loads(raw)
     except json.JSONDecodeError as e:
         raise BadMessage(f"message is not JSON: {e.msg}") from None
+    except RecursionError:
+        raise BadMessage(f"message is nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(msg, dict):
         raise BadMessage("message must be a JSON object")
-    if msg.get("label") != LABEL:
-        return None  # e.g. {"type": "signalling", ...} track status notices
+    if _depth(msg) > MAX_DEPTH:
+        raise BadMessage(f"message is nested more than {MAX_DEPTH} levels deep")
+    type_ = msg.get("type")
+    label = msg.get("label")
+    if label is None and type_ == SIGNALLING:
+        return None  # e.g. {"type": "signalling", "message": {"type": "trackStatus", ...}}
+    if label != LABEL:
+        raise BadMessage(f"not an RTVI message: expected label {LABEL!r}")
+    if not isinstance(type_, str) or not type_:
+        raise BadMessage("an RTVI message needs a 'type' string")
+    id_ = msg.get("id")
+    if isinstance(id_, int) and not isinstance(id_, bool):
+        id_ = str(id_)
+    if id_ is not None and not (isinstance(id_, str) and len(id_) <= MAX_ID_CHARS):
+        raise BadMessage(f"an RTVI message 'id' is a string of at most {MAX_ID_CHARS} characters")
     data = msg.get("data")
-    return ClientMessage(str(msg.get("type", "")), msg.get("id"), data if isinstance(data, dict) else {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadMessage(f"{type_[:40]!r}: 'data' must be an object")
+    return ClientMessage(type_, id_, data)
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth, without recursion (the value may be as deep as json.loads allowed)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
