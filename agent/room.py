@@ -181,8 +181,8 @@ class Room:
                 self._spawn(self._end_session(peer, msg.id), "end-session")
             case "client-message":
                 peer.send(json.dumps(rtvi.message("error-response", {"error": f"unknown client message {msg.data.get('t')!r}"}, msg.id)))
-            case _:
-                self._log.debug("ignoring RTVI message %r", msg.type)
+            case _:  # as Pipecat's own server answers a type it does not handle
+                peer.send(json.dumps(rtvi.message("error-response", {"error": f"unsupported message type {msg.type[:40]!r}"}, msg.id)))
 
     async def close(self) -> None:
         if self._closed:
