@@ -5,7 +5,25 @@ show (see pipeline/vad.py for the VAD figures).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EndpointingOptions:
+    """Semantic end of turn (``pipeline/endpointing.py``): the silence that ends a turn depends on
+    whether the interim transcript reads as finished. The VAD's ``endpoint_silence_ms`` (the
+    persona's, else the server's) is the base: the long wait is never shorter than it, and the
+    short and middle ones never longer. ``bench/endpointing.py`` measured these defaults."""
+
+    # Off: every turn ends after the VAD's fixed endpoint silence, as before.
+    enabled: bool = True
+    # The text reads as finished ("...last year.", "Yes" to a question): people leave 200-300 ms
+    # between turns, so waiting longer only adds latency.
+    complete_silence_ms: int = 250
+    # The text stops on "and", "the", "um", a comma, "I think that": a pause to think, not the end.
+    incomplete_silence_ms: int = 1200
+    # No interim text yet, or none that says either way: the middle ground.
+    unknown_silence_ms: int = 700
 
 
 @dataclass(frozen=True)
@@ -24,6 +42,12 @@ class TurnOptions:
     max_reply_s: float = 120.0
     stt_timeout_s: float = 30.0
     tts_timeout_s: float = 20.0
+    endpointing: EndpointingOptions = field(default_factory=EndpointingOptions)
+    # Start the LLM on the interim transcript as soon as the silence begins; the reply is played
+    # only if the final transcript says the same words, else it is cancelled and restarted on the
+    # final one. Costs an extra LLM request whenever the interim and final differ or the person
+    # goes on talking (counted: ``Conversation.preemptive``, TurnMetrics.llm_discarded).
+    preemptive_generation: bool = True
     llm_fallback_line: str = "Sorry, I couldn't think of an answer just now. Could you say that again?"
 
 

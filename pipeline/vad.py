@@ -129,6 +129,10 @@ class Segmenter:
         self._pauses: list[float] = []
         self._last_voiced_end = 0.0
         self.last_probability = 0.0
+        # The caller's endpoint for the segment in progress (semantic end of turn decides it from
+        # the words; this class never sees them); None: ``options.endpoint_silence_ms``. Cleared
+        # when the segment ends.
+        self.endpoint_ms: int | None = None
 
     @property
     def speaking(self) -> bool:
@@ -178,7 +182,8 @@ class Segmenter:
         p = self.vad(window)
         self.last_probability = p
         min_speech = max(1, round(o.min_speech_ms / 1000 / WINDOW_S))
-        endpoint = max(1, round(o.endpoint_silence_ms / 1000 / WINDOW_S))
+        endpoint_ms = o.endpoint_silence_ms if self.endpoint_ms is None else self.endpoint_ms
+        endpoint = max(1, round(endpoint_ms / 1000 / WINDOW_S))
         if not self._speaking:
             self._pre_roll.append(window)
             self._voiced_run = self._voiced_run + 1 if p >= o.threshold else 0
@@ -210,6 +215,7 @@ class Segmenter:
             self._speaking = False
             self._voiced_run = self._silent_run = 0
             self._segment = []
+            self.endpoint_ms = None
             pauses, self._pauses = self._pauses, []
             return SpeechEnd(self._last_voiced_end, audio, self._start_t, self._onset_t, pauses)
         return None

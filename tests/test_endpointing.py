@@ -1,0 +1,77 @@
+"""Semantic end of turn: the text policy, and the conversation ending a turn earlier or later with it."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.endpointing import Verdict, classify, endpoint_ms, same_words
+from pipeline.turns import EndpointingOptions
+
+C, I, U = Verdict.COMPLETE, Verdict.INCOMPLETE, Verdict.UNKNOWN
+
+
+@pytest.mark.parametrize("text, language, expected", [
+    ("I led the migration of our billing service.", "en", C),
+    ("Why would anyone do that?", "en", C),
+    ("That was amazing!", "en", C),
+    ("I led the migration and", "en", I),
+    ("I led the migration and.", "en", I),  # Whisper's full stop after a fragment does not end it
+    ("so we moved it to the", "en", I),
+    ("It took us, um", "en", I),
+    ("Well, uh.", "en", I),
+    ("I think that", "en", I),
+    ("The first thing,", "en", I),
+    ("We tried it first…", "en", I),
+    ("Mr.", "en", I),  # an abbreviation, not a sentence
+    ("because it was slow", "en", U),
+    ("I worked on it for", "en", I),  # a preposition without punctuation
+    ("What are you looking at?", "en", C),  # ... but a question may end on one
+    ("I think so.", "en", C),
+    ("", "en", U),
+    (None, "en", U),
+    ("Ich habe das Projekt geleitet.", "de", C),
+    ("Ich habe das Projekt geleitet und", "de", I),
+    ("Ich glaube", "de", I),
+    ("J'ai dirigé le projet.", "fr", C),
+    ("J'ai dirigé le projet parce que", "fr", I),
+    ("je suis allé à l'", "fr", I),
+    ("Dirigí el proyecto.", "es", C),
+    ("Dirigí el proyecto pero", "es", I),
+    ("Dirigí el proyecto porque", "es-ES", I),
+    ("it went well and", None, I),  # no language: English
+    ("it went well and", "ja", I),  # a language without lists: English
+])
+def test_classify(text, language, expected):
+    assert classify(text, language) is expected
+
+
+def test_a_short_answer_to_a_question_is_complete_without_punctuation():
+    assert classify("yes", "en", after_question=True) is C
+    assert classify("yes", "en") is U
+    assert classify("ja", "de", after_question=True) is C
+    assert classify("yes and", "en", after_question=True) is I
+
+
+def test_endpoints_respect_the_persona_base():
+    o = EndpointingOptions()
+    assert (endpoint_ms(C, o, 500), endpoint_ms(U, o, 500), endpoint_ms(I, o, 500)) == (250, 500, 1200)
+    # An interviewer that asked for 1.4 s keeps it for unfinished sentences.
+    assert (endpoint_ms(C, o, 1400), endpoint_ms(U, o, 1400), endpoint_ms(I, o, 1400)) == (250, 700, 1400)
+    assert endpoint_ms(C, EndpointingOptions(complete_silence_ms=300), 200) == 200
+
+
+def test_same_words_ignores_case_punctuation_and_spacing():
+    assert same_words("i led the  migration", "I led the migration.")
+    assert same_words("Well, yes!", "well yes")
+    assert not same_words("I led the migration", "I led the migration last year.")
+    assert not same_words("", "")
+
+
+def test_the_policy_is_cheap():
+    text = "So the first thing I would say about the project is that we moved the billing service and"
+    t = time.perf_counter()
+    for _ in range(2000):
+        classify(text, "en")
+    assert (time.perf_counter() - t) / 2000 < 200e-6  # per call: nothing next to a 20 ms frame
