@@ -4,9 +4,16 @@ Data flows one way: ``push_audio`` -> VAD -> STT -> LLM -> sentences -> TTS -> `
 transport pulls ``read_frame`` on its own clock. Every task this object starts is kept in
 ``_tasks`` and awaited by ``aclose``.
 
-Barge-in is decided in ``_on_audio_window``: the agent's audio pauses at the person's speech onset
+Barge-in is decided in ``_while_speaking``: the agent's audio pauses at the person's speech onset
 (the VAD's first speech window, well inside the 200 ms budget), and only speech that lasts
 ``min_interruption_s`` cancels the reply; shorter sounds resume it.
+
+The end of a turn is decided in ``_update_endpoint``: an interim transcript of everything said,
+started as soon as the person goes quiet, tells ``pipeline.endpointing`` whether the words read as
+finished, and the answer becomes the segmenter's endpoint silence for this utterance (the VAD never
+sees text). The same interim transcript starts the reply early (``_start_preemptive``): the LLM and
+TTS run during the endpoint silence and the final transcript, and their output is held back until
+the final transcript says the same words (``_user_turn``); otherwise it is cancelled unheard.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .audio import InputConverter, StreamResampler, float_to_int16
+from .endpointing import Verdict, classify, endpoint_ms, same_words
 from .frames import (
     OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotTurnEnded, BotStartedSpeaking, BotStoppedSpeaking, BotText,
     ErrorEvent, Event, StateChanged, Transcript, TurnMetrics, UserStartedSpeaking, UserStoppedSpeaking,
@@ -52,7 +60,32 @@ class _Reply:
     t_llm_request: float = 0.0
     t_first_token: float | None = None
     t_first_sentence: float | None = None
+    t_tts_start: float | None = None
     tts_ttfb_ms: float | None = None
+    endpoint_ms: int | None = None  # the endpoint silence that ended the turn
+    # Preemptive replies: what it answers, and its output (segments, events) held back until the
+    # final transcript confirms the words; None once it may play.
+    user_text: str | None = None
+    heard_until: float = 0.0  # stream time where the interim transcript's audio ends
+    history_len: int = 0
+    held: list | None = None
+
+
+@dataclass
+class _Interim:
+    text: str
+    language: str | None
+    t_end: float  # stream time where the transcribed audio ends
+
+
+@dataclass
+class PreemptiveStats:
+    """LLM requests started on an interim transcript: ``used`` were played, ``discarded`` were
+    cancelled (the final transcript differed, or the person went on talking): the extra cost."""
+
+    started: int = 0
+    used: int = 0
+    discarded: int = 0
 
 
 class Conversation:
@@ -88,6 +121,12 @@ class Conversation:
         self._barge_pending = False
         self._partial: tuple[asyncio.Task, float] | None = None  # (task, stream time its audio ends)
         self._last_partial_t = 0.0
+        self._interim: _Interim | None = None  # the latest interim transcript of this utterance
+        self._quiet_for: float | None = None  # the pause (its last voiced instant) already transcribed
+        self._eot: tuple[str | None, Verdict, int] | None = None  # (text, verdict, endpoint ms) last decided
+        self._preempt: _Reply | None = None  # a reply to the interim transcript, not yet confirmed
+        self.preemptive = PreemptiveStats()
+        self._discarded_since_reply = 0
         self._closed = False
 
     @property
@@ -115,6 +154,8 @@ class Conversation:
         if self._closed or not text:
             return
         self._interrupt()
+        self._discard(self._preempt)
+        self._preempt = None
         self._turn += 1
         now = time.monotonic()
         self._emit(Transcript(text, final=True, typed=True))
@@ -151,6 +192,8 @@ class Conversation:
 
     def _on_speech_start(self, ev: SpeechStart) -> None:
         self._last_partial_t = self.segmenter.now
+        self._interim = None
+        self._eot = None
         self._emit(UserStartedSpeaking())
         if self._reply is not None:
             # Stop the agent's voice at once; decide later whether this was a real interruption.
@@ -171,12 +214,46 @@ class Conversation:
                 self.player.resume()  # only an "mm-hm": carry on without waiting for the endpoint
             else:
                 self.player.pause()  # (again) talking over the agent
-        if (self.stt is not None and o.partial_interval_s > 0 and self._partial is None
-                and now - self._last_partial_t >= o.partial_interval_s):
-            self._last_partial_t = now
-            audio = self.segmenter.segment_audio()
-            task = self._spawn(self._partial_transcript(audio), "partial")
-            self._partial = (task, now)
+        if self._preempt is not None and not self._covers(self._preempt.heard_until):
+            self._discard(self._preempt)  # they went on talking: the reply answers half a sentence
+            self._preempt = None
+        if self.stt is not None and self._partial is None:
+            due = o.partial_interval_s > 0 and now - self._last_partial_t >= o.partial_interval_s
+            # The moment the person goes quiet, transcribe everything they said (once per pause):
+            # its words decide how long this silence must last and start the reply early.
+            last_voiced = round(now - self.segmenter.silence_s, 4)
+            quiet = self.segmenter.silence_s >= o.partial_reuse_margin_s
+            wanted = (o.endpointing.enabled or o.preemptive_generation) and self._quiet_for != last_voiced
+            if due or (quiet and wanted):
+                if quiet:
+                    self._quiet_for = last_voiced
+                self._last_partial_t = now
+                audio = self.segmenter.segment_audio()
+                task = self._spawn(self._partial_transcript(audio, now), "partial")
+                self._partial = (task, now)
+        self._update_endpoint()
+
+    def _covers(self, t_end: float) -> bool:
+        """Whether a transcript of the audio up to ``t_end`` heard every voiced window so far."""
+        last_voiced = self.segmenter.now - self.segmenter.silence_s
+        return t_end >= last_voiced + self.options.partial_reuse_margin_s - 1e-6
+
+    def _update_endpoint(self) -> None:
+        """Set this utterance's endpoint silence from the words heard so far."""
+        e = self.options.endpointing
+        if not e.enabled or not self.segmenter.speaking:
+            return
+        interim = self._interim
+        text = interim.text if interim is not None and self._covers(interim.t_end) else None
+        if self._eot is not None and self._eot[0] == text:
+            return
+        last = self.history[-1] if self.history else None
+        asked = last is not None and last["role"] == "assistant" and last["content"].rstrip().endswith("?")
+        verdict = classify(text, (interim.language if interim else None) or self.config.language,
+                           after_question=asked)
+        ms = endpoint_ms(verdict, e, self.vad_options.endpoint_silence_ms)
+        self._eot = (text, verdict, ms)
+        self.segmenter.endpoint_ms = ms
 
     def _on_speech_end(self, ev: SpeechEnd) -> None:
         self._emit(UserStoppedSpeaking())
@@ -189,7 +266,10 @@ class Conversation:
             return
         now = time.monotonic()
         self._turn += 1
-        reply = _Reply(0, self._turn, t_decided=now, t_speech_end=now - (self.segmenter.now - ev.t))
+        reply = _Reply(0, self._turn, t_decided=now, t_speech_end=now - (self.segmenter.now - ev.t),
+                       endpoint_ms=self._eot[2] if self._eot else self.vad_options.endpoint_silence_ms)
+        preempt, self._preempt = self._preempt, None
+        self._interim = self._eot = None
         reuse = None
         if self._partial is not None and self._partial[1] >= ev.t + self.options.partial_reuse_margin_s:
             reuse = self._partial[0]  # already decoding everything that was said: its text is the final
@@ -197,14 +277,15 @@ class Conversation:
         else:
             self._cancel_partial()
         self._set_state(AgentState.THINKING)
-        self._spawn(self._user_turn(ev, reply, reuse), f"turn {self._turn}")
+        self._spawn(self._user_turn(ev, reply, reuse, preempt), f"turn {self._turn}")
 
-    async def _partial_transcript(self, audio: np.ndarray):
+    async def _partial_transcript(self, audio: np.ndarray, t_end: float):
         try:
             result = await self.stt.transcribe(audio, final=False, language=self.config.language,
                                                prompt=self.config.stt_prompt)
             if result is not None and result.text and self.segmenter.speaking:
                 self._emit(Transcript(result.text, final=False, language=result.language))
+                self._on_interim(_Interim(result.text.strip(), result.language, t_end))
             return result
         except Exception as e:
             # Interim text is best effort. A broken engine is reported once, by the final decode,
@@ -215,15 +296,79 @@ class Conversation:
             if self._partial is not None and self._partial[0] is asyncio.current_task():
                 self._partial = None
 
+    def _on_interim(self, interim: _Interim) -> None:
+        self._interim = interim
+        self._update_endpoint()
+        if self._covers(interim.t_end):
+            self._start_preemptive(interim.text)
+
+    def _start_preemptive(self, text: str) -> None:
+        """Start the reply to ``text`` now, heard only if the final transcript says the same."""
+        if not self.options.preemptive_generation or self._closed:
+            return
+        if self._preempt is not None and same_words(self._preempt.user_text, text):
+            return
+        self._discard(self._preempt)
+        self._preempt = None
+        if self._reply is not None or self._barge_pending:
+            return  # talking over the agent: most of that is backchannel, never a turn of its own
+        reply = _Reply(0, self._turn + 1, user_text=text, history_len=len(self.history), held=[],
+                       heard_until=self._interim.t_end if self._interim else self.segmenter.now)
+        self._reply_seq += 1
+        reply.id = self._reply_seq
+        reply.played = asyncio.get_running_loop().create_future()
+        messages = [{"role": "system", "content": self.config.system_prompt}, *llm_messages(self.history),
+                    {"role": "user", "content": text}]
+        reply.task = self._spawn(self._run_reply(reply, None, messages), f"preemptive reply {reply.id}")
+        self._preempt = reply
+        self.preemptive.started += 1
+
+    def _discard(self, reply: _Reply | None) -> None:
+        """Cancel a preemptive reply that will not be heard (nothing of it reached the player)."""
+        if reply is None:
+            return
+        if reply.task is not None:
+            reply.task.cancel()
+        self.preemptive.discarded += 1
+        self._discarded_since_reply += 1
+
+    def _adopt(self, pre: _Reply, text: str, turn: _Reply) -> None:
+        """The final transcript confirmed the preemptive reply's words: it becomes this turn's reply."""
+        self.history.append({"role": "user", "content": text})
+        for name in ("t_decided", "t_speech_end", "stt_ms", "stt_engine_ms", "endpoint_ms"):
+            setattr(pre, name, getattr(turn, name))
+        self._reply = pre
+        self.preemptive.used += 1
+        if self.segmenter.speaking:
+            self._barge_pending = True  # as in _start_reply: they started again meanwhile
+            self.player.pause()
+        if self.state is not AgentState.USER_SPEAKING:
+            self._set_state(AgentState.THINKING)
+        held, pre.held = pre.held or [], None
+        for item in held:
+            if isinstance(item, Segment):
+                self.player.push(item)
+            else:
+                self._emit(item)
+
     def _cancel_partial(self) -> None:
         if self._partial is not None:
             self._partial[0].cancel()
             self._partial = None
 
-    async def _user_turn(self, ev: SpeechEnd, reply: _Reply, reuse: asyncio.Task | None) -> None:
+    async def _user_turn(self, ev: SpeechEnd, reply: _Reply, reuse: asyncio.Task | None,
+                         preempt: _Reply | None = None) -> None:
+        try:
+            preempt = await self._decide_turn(ev, reply, reuse, preempt)
+        finally:
+            self._discard(preempt)  # whatever the outcome, an unconfirmed early reply is never heard
+
+    async def _decide_turn(self, ev: SpeechEnd, reply: _Reply, reuse: asyncio.Task | None,
+                           preempt: _Reply | None) -> _Reply | None:
+        """Transcribe the turn and answer it; returns the preemptive reply if it was not used."""
         audio = ev.audio
         if self.stt is None:
-            return
+            return preempt
         result = None
         t_stt = time.monotonic()
         try:
@@ -245,15 +390,20 @@ class Conversation:
             self.history.append({"role": "user", "content": text})
             self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses,
                                     audio=ev.audio))
-            return
+            return preempt
         if not text:
             if self._reply is None and not self.segmenter.speaking:
                 self._set_state(AgentState.LISTENING)
-            return
+            return preempt
         self._interrupt()  # a reply still thinking is superseded by this newer turn
         self._emit(Transcript(text, final=True, language=result.language, speech_s=ev.speech_s, pauses=ev.pauses,
                                     audio=ev.audio))
+        if (preempt is not None and same_words(preempt.user_text, text) and preempt.turn == reply.turn
+                and preempt.history_len == len(self.history) and not preempt.task.done()):
+            self._adopt(preempt, text, reply)
+            return None
         self._start_reply(text, reply)
+        return preempt
 
     # ------------------------------------------------------------------ replies
 
@@ -273,7 +423,7 @@ class Conversation:
             self._set_state(AgentState.THINKING)
         reply.task = self._spawn(self._run_reply(reply, fixed), f"reply {reply.id}")
 
-    async def _run_reply(self, reply: _Reply, fixed: str | None) -> None:
+    async def _run_reply(self, reply: _Reply, fixed: str | None, messages: list[dict] | None = None) -> None:
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         pushed = False
 
@@ -285,7 +435,9 @@ class Conversation:
                     for s in [*agg.push(fixed + " "), *agg.flush()]:
                         await self._queue_sentence(reply, s, sentences)
                     return
-                messages = [{"role": "system", "content": self.config.system_prompt}, *llm_messages(self.history)]
+                nonlocal messages
+                if messages is None:
+                    messages = [{"role": "system", "content": self.config.system_prompt}, *llm_messages(self.history)]
                 agg = SentenceAggregator()
                 reply.t_llm_request = time.monotonic()
                 try:
@@ -298,7 +450,7 @@ class Conversation:
                         await self._queue_sentence(reply, s, sentences)
                 except LLMError as e:
                     self._log.warning("turn %d: %s", reply.turn, e)
-                    self._emit(ErrorEvent("llm", str(e)))
+                    self._reply_emit(reply, ErrorEvent("llm", str(e)))
                     for s in agg.flush():  # keep what was already said
                         await self._queue_sentence(reply, s, sentences)
                     if not reply.text:
@@ -316,7 +468,7 @@ class Conversation:
             tg.create_task(generate())
             tg.create_task(speak())
         if pushed:
-            self.player.push(Segment(reply.id, "", complete=True, last=True))
+            self._push(reply, Segment(reply.id, "", complete=True, last=True))
             try:
                 async with asyncio.timeout(self.options.max_reply_s):
                     await reply.played
@@ -328,14 +480,28 @@ class Conversation:
         if reply.t_first_sentence is None:
             reply.t_first_sentence = time.monotonic()
         reply.text.append(sentence)
-        self._emit(BotText(sentence, spoken=False))
+        self._reply_emit(reply, BotText(sentence, spoken=False))
         await queue.put(sentence)
+
+    def _push(self, reply: _Reply, seg: Segment) -> None:
+        if reply.held is not None:
+            reply.held.append(seg)
+        else:
+            self.player.push(seg)
+
+    def _reply_emit(self, reply: _Reply, ev: Event) -> None:
+        if reply.held is not None:
+            reply.held.append(ev)
+        else:
+            self._emit(ev)
 
     async def _synthesize(self, reply: _Reply, sentence: str) -> bool:
         """Speak one sentence into the player; on failure the text stays on screen. True if audio."""
         resampler = StreamResampler(OUTPUT_RATE)
         seg = Segment(reply.id, sentence)
         t0 = time.monotonic()
+        if reply.t_tts_start is None:
+            reply.t_tts_start = t0
         pushed = False
 
         def add(pcm: np.ndarray, words) -> None:
@@ -344,7 +510,7 @@ class Conversation:
             if len(seg.pcm) and not pushed:
                 # Queued at its first audio so playback starts while the rest is synthesized.
                 pushed = True
-                self.player.push(seg)
+                self._push(reply, seg)
 
         try:
             async with asyncio.timeout(self.options.tts_timeout_s):
@@ -357,9 +523,9 @@ class Conversation:
                 add(float_to_int16(resampler.process(np.zeros(0, np.float32), rate, last=True)), ())
         except (TTSError, TimeoutError) as e:
             self._log.warning("turn %d: tts failed: %s", reply.turn, e)
-            self._emit(ErrorEvent("tts", f"speech synthesis failed: {e}"))
+            self._reply_emit(reply, ErrorEvent("tts", f"speech synthesis failed: {e}"))
             if not pushed:
-                self._emit(BotText(sentence, spoken=False, tts_failed=True))
+                self._reply_emit(reply, BotText(sentence, spoken=False, tts_failed=True))
         finally:
             seg.complete = True  # never leave the player waiting on a sentence that will not grow
         return pushed
@@ -375,15 +541,26 @@ class Conversation:
         self._emit(BotStartedSpeaking())
         if not self._barge_pending:
             self._set_state(AgentState.SPEAKING)
-        m = TurnMetrics(reply.turn, stt_ms=reply.stt_ms)
+        m = TurnMetrics(reply.turn, stt_ms=reply.stt_ms, endpoint_ms=reply.endpoint_ms,
+                        preemptive=reply.user_text is not None, llm_discarded=self._discarded_since_reply)
+        self._discarded_since_reply = 0
         if reply.t_first_token is not None:
             m.llm_ttft_ms = (reply.t_first_token - reply.t_llm_request) * 1000
         m.tts_ttfb_ms = reply.tts_ttfb_ms
         if reply.t_speech_end is not None:
             m.voice_to_voice_ms = (now - reply.t_speech_end) * 1000
+
+        def after_decision(t0: float, t1: float) -> float:
+            # A preemptive reply's engines ran partly during the endpoint silence: only what
+            # came after the turn was decided counts against the time since then.
+            return max(t1 - max(t0, reply.t_decided), 0.0) * 1000
+
         # Engine time only: stt_ms also counts the hop that started this turn's task (ours).
-        llm_ms = ((reply.t_first_sentence or reply.t_llm_request) - reply.t_llm_request) * 1000
-        engines = (reply.stt_engine_ms or 0) + llm_ms + (m.tts_ttfb_ms or 0)
+        llm_ms = after_decision(reply.t_llm_request, reply.t_first_sentence or reply.t_llm_request)
+        tts_ms = 0.0
+        if reply.t_tts_start is not None and m.tts_ttfb_ms is not None:
+            tts_ms = after_decision(reply.t_tts_start, reply.t_tts_start + m.tts_ttfb_ms / 1000)
+        engines = (reply.stt_engine_ms or 0) + llm_ms + tts_ms
         m.pipeline_ms = max((now - reply.t_decided) * 1000 - engines, 0.0)
         self.metrics.append(m)
         self._emit(m)

@@ -134,3 +134,6 @@ class TurnMetrics(Event):
     tts_ttfb_ms: float | None = None  # first clause -> first audio
     voice_to_voice_ms: float | None = None  # end of speech -> first reply audio played
     pipeline_ms: float | None = None  # voice_to_voice minus the engines' own time
+    endpoint_ms: float | None = None  # the silence that ended the turn (semantic end of turn's choice)
+    preemptive: bool = False  # the reply was generated on the interim transcript, during that silence
+    llm_discarded: int = 0  # preemptive LLM requests cancelled unheard since the previous reply

@@ -32,16 +32,20 @@ class FakeLLM:
     reply_for: object = None  # optional callable(request) -> reply text
     # Per-request HTTP statuses, used in order before falling back to ``behaviour.status``.
     statuses: list[int] = field(default_factory=list)
+    # Indices (into ``requests``) of the requests whose client hung up before the reply ended.
+    cancelled: list[int] = field(default_factory=list)
     port: int = 0  # 0: any free port
     url: str = ""
     _runner: web.AppRunner | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _hung_up: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> "FakeLLM":
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app)
+        # A client that hangs up cancels its handler at once, so ``cancelled`` records it.
+        self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
@@ -68,10 +72,26 @@ class FakeLLM:
                 self._arrived.clear()
                 await self._arrived.wait()
 
+    async def wait_cancelled(self, n: int, timeout: float = 10.0) -> None:
+        """Until ``n`` requests have been abandoned by their client."""
+        async with asyncio.timeout(timeout):
+            while len(self.cancelled) < n:
+                self._hung_up.clear()
+                await self._hung_up.wait()
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self._arrived.set()
+        index = len(self.requests) - 1
+        try:
+            return await self._answer(request, body)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled.append(index)
+            self._hung_up.set()
+            raise
+
+    async def _answer(self, request: web.Request, body: dict) -> web.StreamResponse:
         b = self.behaviour
         if b.hang:
             await self._release.wait()
