@@ -53,6 +53,10 @@ class Metrics:
                              registry=self.registry)
         self.errors = Counter("parley_errors", "Errors reported to clients, by source",
                               ["source"], registry=self.registry)
+        # The extra LLM cost of preemptive generation: replies started on the interim transcript
+        # that were played ("used") or cancelled unheard ("discarded").
+        self.preemptive = Counter("parley_llm_preemptive_requests", "LLM requests started on an interim "
+                                  "transcript, by outcome", ["outcome"], registry=self.registry)
         # Totals of connections and rooms already closed, so the counters stay monotonic.
         self._closed = {"frames": 0, "late": 0, "resyncs": 0, "underruns": 0}
         self.registry.register(_LiveCollector(self))
@@ -63,6 +67,10 @@ class Metrics:
         """One pipeline event of any room."""
         if isinstance(ev, F.TurnMetrics):
             self.turns.inc()
+            if ev.preemptive:
+                self.preemptive.labels("used").inc()
+            if ev.llm_discarded:
+                self.preemptive.labels("discarded").inc(ev.llm_discarded)
             for field, hist in self.stages.items():
                 value = getattr(ev, field)
                 if value is not None:

@@ -75,3 +75,72 @@ def test_the_policy_is_cheap():
     for _ in range(2000):
         classify(text, "en")
     assert (time.perf_counter() - t) / 2000 < 200e-6  # per call: nothing next to a 20 ms frame
+
+
+# ---------------------------------------------------------------- in the conversation (real Silero VAD)
+
+FRAME_S = 0.02
+
+
+def voiced(audio: np.ndarray) -> np.ndarray:
+    from test_audio_vad import voiced_bounds
+
+    start, end = voiced_bounds(audio)
+    return audio[int(start * 16000): int(end * 16000)]
+
+
+async def frames_to_end_of_turn(fake_llm, event_log, audio: np.ndarray, text: str, **turn_kw) -> int:
+    """Say ``audio`` (interim and final transcripts: ``text``); frames from its end to the turn's end."""
+    from driver import Driver
+    from pipeline import frames as F
+    from pipeline_setup import conversation, llm
+    from scripted_stt import ScriptedSTT
+
+    conv = conversation(ScriptedSTT(text, text), llm(fake_llm.url), event_log, **turn_kw)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say(audio)
+        spoke_until = d.frame
+        await d.say(np.zeros(int(1.6 * 16000), np.float32))
+        [stopped] = event_log.of(F.UserStoppedSpeaking)
+        return event_log.frame_of(stopped) - spoke_until
+    finally:
+        await conv.aclose()
+
+
+async def test_a_finished_sentence_ends_the_turn_sooner_than_the_fixed_endpoint(fake_llm, event_log, speech):
+    from conftest import EventLog
+    from pipeline.turns import EndpointingOptions
+
+    audio = voiced(speech("en_birch_canoe.wav"))
+    text = "The birch canoe slid on the smooth planks."
+    semantic = await frames_to_end_of_turn(fake_llm, event_log, audio, text)
+    fixed = await frames_to_end_of_turn(fake_llm, EventLog(), audio, text,
+                                        endpointing=EndpointingOptions(enabled=False))
+    # 250 ms of silence plus Silero's lag against 500 ms plus the same lag.
+    assert semantic * FRAME_S < 0.45 and fixed * FRAME_S >= 0.5, (semantic, fixed)
+    assert fixed - semantic >= round(0.2 / FRAME_S)
+
+
+async def test_a_pause_after_and_does_not_end_the_turn(fake_llm, event_log, speech):
+    from driver import Driver
+    from pipeline import frames as F
+    from pipeline_setup import conversation, llm
+    from scripted_stt import ScriptedSTT
+
+    first, second = voiced(speech("en_goforward.wav")), voiced(speech("en_birch_canoe.wav"))
+    stt = ScriptedSTT("Go forward ten meters and", "Go forward ten meters and the birch canoe slid.")
+    conv = conversation(stt, llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say(first, trailing_silence_s=0.9)  # beyond the fixed 500 ms endpoint
+        assert conv.segmenter.speaking and not event_log.of(F.UserStoppedSpeaking)
+        stt.partial_text = stt.final_text
+        await d.say(second, trailing_silence_s=0.8)
+        finals = [t.text for t in event_log.of(F.Transcript) if t.final]
+        assert finals == [stt.final_text]
+        assert [t.pauses for t in event_log.of(F.Transcript) if t.final][0][0] >= 0.85
+    finally:
+        await conv.aclose()

@@ -150,3 +150,14 @@ async def test_preemptive_generation_can_be_turned_off(fake_llm, event_log, spee
         assert event_log.of(F.TurnMetrics)[0].preemptive is False
     finally:
         await conv.aclose()
+
+
+def test_prometheus_counts_the_extra_llm_requests():
+    from agent.metrics import Metrics
+
+    m = Metrics()
+    m.observe(F.TurnMetrics(1, preemptive=True))
+    m.observe(F.TurnMetrics(2, llm_discarded=2))
+    text = m.render()[0].decode()
+    assert 'parley_llm_preemptive_requests_total{outcome="used"} 1.0' in text
+    assert 'parley_llm_preemptive_requests_total{outcome="discarded"} 2.0' in text
