@@ -215,6 +215,165 @@ class Probe:
         return {"onsets": self.onsets, "bursts": self.bursts}
 
 
+class Timeline:
+    """Server-side clock readings for bench/latency.py (``serve --timeline``), per room: every
+    pipeline event as the room emits it (``at`` is ``time.monotonic()``, which all processes on the
+    host share, so the client can set them against its own), and the instant the first audible
+    sample of each stretch of agent audio left ``Conversation.read_frame`` (the frame's hand-over to
+    the voice track, plus the sample's offset in it). Also applies the bench's turn-taking settings
+    to every conversation as it is built, and reports the ones in effect."""
+
+    AUDIBLE = 328  # int16, -40 dBFS: what counts as sound (bench/latency.py uses the same)
+
+    def __init__(self, endpoint_ms: int | None, overrides: list[str]):
+        self.endpoint_ms, self.overrides = endpoint_ms, overrides
+        self.events: dict[str, list[dict]] = {}
+        self.onsets: dict[str, list[float]] = {}
+        self.config: dict[str, dict] = {}
+        self._quiet: dict[str, bool] = {}
+
+    def install(self) -> None:
+        import dataclasses
+
+        import agent.room as room_mod
+        from pipeline.conversation import Conversation
+        from pipeline.player import SILENCE
+
+        timeline, on_event, build, read = self, room_mod.Room._on_event, room_mod.build_conversation, \
+            Conversation.read_frame
+
+        def _on_event(room, ev) -> None:
+            timeline.record(room.id, ev)
+            on_event(room, ev)
+
+        def build_conversation(persona, *args, **kwargs):
+            if timeline.endpoint_ms:  # the persona's own endpoint otherwise wins over the server's
+                persona = dataclasses.replace(persona, config=dataclasses.replace(
+                    persona.config, endpoint_silence_ms=timeline.endpoint_ms))
+            conv = build(persona, *args, **kwargs)
+            timeline.apply(conv)
+            return conv
+
+        def read_frame(conv):
+            pcm = read(conv)
+            t = time.monotonic()
+            if pcm is SILENCE:
+                timeline._quiet[conv.name] = True
+            else:
+                loud = np.flatnonzero(np.abs(pcm) > timeline.AUDIBLE)
+                if len(loud) and timeline._quiet.get(conv.name, True):
+                    timeline.onsets.setdefault(conv.name, []).append(t + loud[0] / 48000)
+                timeline._quiet[conv.name] = not len(loud)
+            return pcm
+
+        room_mod.Room._on_event = _on_event
+        room_mod.build_conversation = build_conversation
+        Conversation.read_frame = read_frame
+
+    def apply(self, conv) -> None:
+        """``--turn`` overrides onto whichever of the conversation's option objects has the field."""
+        import dataclasses
+
+        from pipeline.vad import Segmenter
+
+        for kv in self.overrides:
+            path, value = kv.split("=", 1)
+            for attr in ("options", "config", "vad_options"):
+                obj = getattr(conv, attr)
+                new = _replace_path(obj, path.split("."), value)
+                if new is not None:
+                    setattr(conv, attr, new)
+                    if attr == "vad_options":  # the segmenter keeps its own reference
+                        conv.segmenter = Segmenter(new, conv.segmenter.vad)
+                    break
+            else:
+                raise SystemExit(f"--turn {kv}: no such field in TurnOptions, ConversationConfig or VADOptions")
+        skip = {"system_prompt", "greeting", "stt_prompt", "llm_fallback_line"}
+        self.config[conv.name] = {
+            attr: {k: v for k, v in dataclasses.asdict(getattr(conv, attr)).items() if k not in skip}
+            for attr in ("options", "vad_options", "config") if dataclasses.is_dataclass(getattr(conv, attr, None))}
+
+    def record(self, room: str, ev) -> None:
+        import dataclasses
+
+        row = {"type": type(ev).__name__, "at": ev.at}
+        for f in dataclasses.fields(ev):
+            v = getattr(ev, f.name)
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                row[f.name] = v[:80] if isinstance(v, str) else v
+        self.events.setdefault(room, []).append(row)
+
+    def report(self, room: str) -> dict:
+        return {"events": self.events.get(room, []), "onsets": self.onsets.get(room, []),
+                "config": self.config.get(room, {})}
+
+
+def _replace_path(obj, path: list[str], value: str):
+    """``obj`` with the (nested, frozen) dataclass field at ``path`` set to ``value`` converted to
+    the field's current type; None if there is no such field."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj) or path[0] not in {f.name for f in dataclasses.fields(obj)}:
+        return None
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        inner = _replace_path(current, path[1:], value)
+        return None if inner is None else dataclasses.replace(obj, **{path[0]: inner})
+    if isinstance(current, bool):
+        new = value.lower() in ("1", "true", "on", "yes")
+    elif current is None:
+        new = None if value.lower() == "none" else _number(value)
+    else:
+        new = type(current)(value)
+    return dataclasses.replace(obj, **{path[0]: new})
+
+
+def _number(value: str):
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+class ReferenceTextSTT:
+    """``serve --text reference``: the real engine decodes every request (its time is real), but
+    the text handed on is what bench/latency.py says the person is saying (``POST /bench/say``),
+    cut to the share of the words spoken in the audio so far for interim decodes. A random-weight
+    Whisper's text is noise, and a semantic end of turn reads the words; a real model would
+    write much the same thing (with Whisper's capital and full stop). One room at a time."""
+
+    PRE_ROLL_S = 0.3  # the VAD keeps this much before the onset (pipeline/vad.py)
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.text, self.speech_s = "", 1.0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def expect(self, said: dict) -> dict:
+        self.text, self.speech_s = said["text"], max(float(said["speech_s"]), 0.1)
+        return {"ok": True}
+
+    async def transcribe(self, audio, *, final: bool, language: str | None = None, prompt: str | None = None):
+        import dataclasses
+
+        result = await self.engine.transcribe(audio, final=final, language=language, prompt=prompt)
+        if result is None or not self.text:
+            return result
+        words = self.text.split()
+        spoken = (len(audio) / 16000 - self.PRE_ROLL_S) / self.speech_s
+        # A final cut short by an early end of turn gets only the words said by then, like a model.
+        n = len(words) if spoken >= (0.85 if final else 1.0) else max(0, int(len(words) * spoken))
+        text = " ".join(words[:n])
+        if n < len(words):
+            text = text.rstrip(".,!?")
+        return dataclasses.replace(result, text=text)
+
+
 ONSET = 3000  # int16 peak that counts as the burst (the bursts peak at ~16000, silence at 0)
 
 
@@ -236,12 +395,14 @@ def serve(args: argparse.Namespace) -> None:
     patch_loopback_ice()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tmp = Path(args.workdir)
-    settings = Settings(host="127.0.0.1", port=args.port, stt_model=args.stt if args.stt != "instant" else "base",
-                        stt_device="cpu",
-                        stt_max_new_tokens=12, llm_base_url=args.llm, llm_api_key="bench", llm_model="bench",
-                        tts="espeak", room_grace_s=1.0, max_rooms=1000,
-                        database_url=f"sqlite+aiosqlite:///{tmp}/parley.db", audio_dir=str(tmp / "audio"),
-                        log_level="warning", _env_file=None)
+    fields = dict(host="127.0.0.1", port=args.port, stt_model=args.stt if args.stt != "instant" else "base",
+                  stt_device="cpu",
+                  stt_max_new_tokens=args.stt_max_new_tokens or None, llm_base_url=args.llm, llm_api_key="bench",
+                  llm_model="bench", tts="espeak", room_grace_s=1.0, max_rooms=1000,
+                  database_url=f"sqlite+aiosqlite:///{tmp}/parley.db", audio_dir=str(tmp / "audio"),
+                  log_level="warning")
+    fields.update(kv.split("=", 1) for kv in args.setting)  # pydantic converts the strings
+    settings = Settings(**fields, _env_file=None)
     engines = build_engines(settings)
     if args.tts == "tone":
         engines.tts = ToneTTS()
@@ -290,6 +451,13 @@ def serve(args: argparse.Namespace) -> None:
     gc.callbacks.append(on_gc)
     app.add_api_route("/bench/gc", lambda: {"pauses_ms": gc_pauses[-200:], "count": gc.get_count(),
                                             "stats": gc.get_stats()}, methods=["GET"])
+    if args.timeline:
+        timeline = Timeline(args.endpoint_ms, args.turn)
+        timeline.install()
+        app.add_api_route("/bench/timeline/{room}", timeline.report, methods=["GET"])
+        if args.text == "reference":
+            engines.stt = ReferenceTextSTT(engines.stt)
+            app.add_api_route("/bench/say", engines.stt.expect, methods=["POST"])
     if args.probe:
         probe = Probe(app, args.probe)
         probe.install()
@@ -307,8 +475,9 @@ class Server:
     """The server child process, from the parent's side."""
 
     def __init__(self, llm_url: str, workdir: Path, tts: str = "tone", probe: str | None = None,
-                 aiortc_defaults: bool = False, stt: str = "tiny"):
-        """``aiortc_defaults``: the peer without its own audio paths (agent/peer.py FAST_PATHS)."""
+                 aiortc_defaults: bool = False, stt: str = "tiny", extra: list[str] = ()):
+        """``aiortc_defaults``: the peer without its own audio paths (agent/peer.py FAST_PATHS);
+        ``extra``: more ``serve`` arguments (bench/latency.py's)."""
         import socket
 
         with socket.socket() as s:
@@ -322,6 +491,7 @@ class Server:
             self.cmd += ["--probe", probe]
         if aiortc_defaults:
             self.cmd.append("--aiortc-defaults")
+        self.cmd += list(extra)
         self.proc: asyncio.subprocess.Process | None = None
         self.log = workdir / "server.log"
 
@@ -677,6 +847,16 @@ def main() -> None:
     s.add_argument("--workdir", required=True)
     s.add_argument("--probe", metavar="ROOM", help="install bench/transport.py's probe for this room")
     s.add_argument("--aiortc-defaults", action="store_true")
+    s.add_argument("--stt-max-new-tokens", type=int, default=12, help="0: the model's own limit")
+    s.add_argument("--setting", action="append", default=[], metavar="FIELD=VALUE", help="a Settings field")
+    s.add_argument("--timeline", action="store_true", help="bench/latency.py's server-side clock readings")
+    s.add_argument("--endpoint-ms", type=int, help="(with --timeline) the VAD endpoint silence, over the persona's")
+    s.add_argument("--turn", action="append", default=[], metavar="PATH=VALUE",
+                   help="(with --timeline) a TurnOptions / ConversationConfig / VADOptions field, dotted for "
+                        "nested options: endpointing.enabled=false")
+    s.add_argument("--text", choices=["model", "reference"], default="model",
+                   help="(with --timeline) reference: the STT runs as usual, but hands on the words the bench "
+                        "says it is speaking (POST /bench/say)")
     c = sub.add_parser("clients")
     c.add_argument("--url", required=True)
     c.add_argument("--rooms", required=True)
