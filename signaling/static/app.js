@@ -1,10 +1,12 @@
 // Parley web client: one SmallWebRTC peer connection to the agent, RTVI messages on the
-// "chat" data channel. Plain ES module, no dependencies, works offline.
+// "chat" data channel. Plain ES module, no dependencies, works offline. When the server has LiveKit,
+// the person may join a LiveKit room instead (livekit.js); both draw the same transcript.
 
 import {
   $, correctionBody, deliveryLine, feedbackCard, h, metricsSpan, num, personaById, personas, scorecardCard, setCatalog,
   srOnly, summaryCard, text, userToken, vocabularyItem,
 } from "./common.js";
+import { LiveKitCall, livekitInfo } from "./livekit.js";
 
 const ICE_GATHERING_TIMEOUT_MS = 3000;
 const OFFER_TIMEOUT_MS = 30000;
@@ -32,6 +34,8 @@ const els = {
   personaDescription: $("persona-description"),
   personaOptions: $("persona-options"),
   room: $("room"),
+  transportField: $("transport-field"),
+  transportHint: $("transport-hint"),
   newRoom: $("new-room"),
   start: $("start"),
   stop: $("stop"),
@@ -67,6 +71,9 @@ const parley = {
   state: "idle",
   get pc() {
     return session?.pc ?? null;
+  },
+  get livekit() {
+    return session?.livekit ?? null;
   },
   // Handles one RTVI message as if the agent had sent it (for tests and the console).
   handleMessage(msg) {
@@ -285,10 +292,11 @@ function updateControls() {
   els.start.disabled = !personasLoaded || (active && !canRestart);
   els.start.textContent = canRestart ? "Reconnect" : "Start";
   els.stop.disabled = !active;
-  for (const el of [els.persona, els.room, els.newRoom, ...els.personaOptions.querySelectorAll("[data-option]")]) {
+  for (const el of [els.persona, els.room, els.newRoom, ...els.personaOptions.querySelectorAll("[data-option]"),
+    ...els.transportField.querySelectorAll("input")]) {
     el.disabled = !personasLoaded || (active && !canRestart);
   }
-  const canType = active && session.botReady && session.dc?.readyState === "open";
+  const canType = active && session.botReady && (session.dc?.readyState === "open" || Boolean(session.livekit?.connected));
   els.textInput.disabled = !canType;
   els.send.disabled = !canType;
   const ending = Boolean(active && session.endRequest);
@@ -669,7 +677,7 @@ function onReportDialogClose() {
 function endSession() {
   const s = session;
   if (!s || s.endRequest) return;
-  const id = sendRtvi(s, "client-message", { t: "end-session", d: {} });
+  const id = s.livekit ? endLiveKitSession(s) : sendRtvi(s, "client-message", { t: "end-session", d: {} });
   if (!id) {
     showError("Not connected: could not end the session.");
     return;
@@ -684,6 +692,18 @@ function endSession() {
     }, END_SESSION_TIMEOUT_MS),
   };
   updateControls();
+}
+
+// The report itself arrives as a persona message, like over the data channel; only a failure of
+// the request is handled here. The request's id, like sendRtvi's.
+function endLiveKitSession(s) {
+  const id = randomId();
+  s.livekit.endSession().catch((err) => {
+    if (!alive(s) || s.endRequest?.id !== id) return;
+    finishEndRequest(s);
+    showError(`Could not end the session: ${errorMessage(err)}`);
+  });
+  return id;
 }
 
 function finishEndRequest(s) {
@@ -850,12 +870,13 @@ async function start() {
     invalid.control.focus();
     return;
   }
-  save({ persona, options });
+  const transport = chosenTransport();
+  save({ persona, options, transport });
   const url = new URL(location.href);
   url.searchParams.set("room", room);
   history.replaceState(null, "", url);
 
-  const s = { closed: false, botReady: false, canRestart: false, serverState: false };
+  const s = { closed: false, botReady: false, canRestart: false, serverState: false, transport };
   session = s;
   delete document.body.dataset.botReady;
   // Created inside the click handler: after the permission prompt the gesture may have expired
@@ -876,6 +897,11 @@ async function start() {
     await s.audioCtx.resume().catch(() => {});
     s.micMeter = makeAnalyser(s.audioCtx, mic);
     startMeters(s);
+
+    if (transport === "livekit") {
+      await joinLiveKit(s, { room, persona, options, mic });
+      return;
+    }
 
     const pc = new RTCPeerConnection({ iceServers: [] });
     s.pc = pc;
@@ -928,7 +954,7 @@ function closeSession(s) {
   s.closed = true;
   if (session === s) session = null;
   clearInterval(s.meterTimer);
-  for (const close of [() => s.dc?.close(), () => s.pc?.close()]) {
+  for (const close of [() => s.dc?.close(), () => s.pc?.close(), () => s.livekit?.leave()]) {
     try {
       close();
     } catch {
@@ -952,7 +978,10 @@ function closeSession(s) {
 
 function onTrack(s, event) {
   if (!alive(s) || event.track.kind !== "audio") return;
-  const stream = event.streams[0] ?? new MediaStream([event.track]);
+  playAgentStream(s, event.streams[0] ?? new MediaStream([event.track]));
+}
+
+function playAgentStream(s, stream) {
   els.botAudio.srcObject = stream;
   playBotAudio();
   // Chrome only feeds a remote stream into WebAudio while a media element also plays it,
@@ -1166,10 +1195,10 @@ function sendTypedText(event) {
   event.preventDefault();
   const text = els.textInput.value.trim();
   if (!text || !session) return;
-  const sent = sendRtvi(session, "send-text", {
-    content: text,
-    options: { run_immediately: true, audio_response: true },
-  });
+  const s = session;
+  const sent = s.livekit
+    ? s.livekit.sendText(text, (err) => alive(s) && showError(`The message was not sent: ${errorMessage(err)}`))
+    : sendRtvi(s, "send-text", { content: text, options: { run_immediately: true, audio_response: true } });
   if (!sent) {
     showError("Not connected: the message was not sent.");
     return;
@@ -1177,6 +1206,60 @@ function sendTypedText(event) {
   addUserLine(text, { typed: true });
   els.textInput.value = "";
   els.textInput.focus();
+}
+
+// ---------------------------------------------------------------------------
+// LiveKit: the same conversation through a LiveKit room (livekit.js), when the server has one
+
+async function offerLiveKit() {
+  const info = await livekitInfo();
+  if (!info) return; // no LiveKit on this server: the direct connection is the only way
+  els.transportHint.textContent = `LiveKit server: ${info.url}`;
+  els.transportField.hidden = false;
+  const saved = loadSaved().transport;
+  const radio = els.transportField.querySelector(`input[value="${saved === "livekit" ? "livekit" : "webrtc"}"]`);
+  if (radio) radio.checked = true;
+}
+
+function chosenTransport() {
+  if (els.transportField.hidden) return "webrtc";
+  return els.transportField.querySelector("input[name=transport]:checked")?.value === "livekit" ? "livekit" : "webrtc";
+}
+
+async function joinLiveKit(s, { room, persona, options, mic }) {
+  const live = (fn) => (...args) => {
+    if (alive(s)) fn(...args);
+  };
+  const call = new LiveKitCall({
+    status: live(setStatus),
+    agentJoined: live(() => {
+      s.botReady = true;
+      document.body.dataset.botReady = "yes";
+      setStatus("Connected via LiveKit", "connected");
+      if (!s.serverState) setAgentState("listening");
+      updateControls();
+    }),
+    agentLeft: live(() => {
+      closeSession(s);
+      setStatus("The agent left the conversation.", "idle");
+    }),
+    agentAudio: live((stream) => playAgentStream(s, stream)),
+    agentState: live((state) => {
+      s.serverState = true;
+      setAgentState(state);
+    }),
+    userText: live((text, final) => (final ? finalizeUserText(text) : showInterim(text))),
+    agentText: live(addAgentText),
+    agentDone: live(endAgentBubble),
+    personaMessage: live((payload) => handleServerMessage(s, payload)),
+    disconnected: live((message) => {
+      closeSession(s);
+      setStatus(message, "idle");
+    }),
+  });
+  s.livekit = call;
+  await call.join({ room, persona, options, userToken: userToken(), mic });
+  if (alive(s)) updateControls();
 }
 
 // ---------------------------------------------------------------------------
@@ -1219,6 +1302,7 @@ function init() {
   setMicMeter(0);
   updateControls();
   loadPersonas();
+  offerLiveKit();
 }
 
 init();
