@@ -3,7 +3,9 @@
 ``POST /api/livekit/token`` checks the persona and options, then mints a join token for the room
 whose room configuration dispatches the Parley agent (``PARLEY_LIVEKIT_AGENT_NAME``) with the persona
 in the dispatch metadata: the first participant to join creates the room and brings the agent in,
-and the agent talks with that participant. ``GET /api/livekit`` tells the page whether LiveKit is on.
+and the agent talks with that participant. ``GET /api/livekit`` tells the page whether LiveKit is on:
+the page (static/livekit.js) offers "Join via LiveKit" only when it answers 200, and then asks for a
+token with its room, a per-tab identity, the persona, options and its history token.
 
 Without ``PARLEY_LIVEKIT_URL``, ``PARLEY_LIVEKIT_API_KEY`` and ``PARLEY_LIVEKIT_API_SECRET`` both
 routes answer 404 with the variables to set.
