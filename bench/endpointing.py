@@ -1,0 +1,299 @@
+"""False cut-offs: semantic end of turn against a plain VAD endpoint at the same median latency.
+
+    parley bench endpointing [--speech DIR] [--variants N] [--decode-ms MS] [--smoke] [--out PATH]
+
+The test set: every recording of ../shared/speech with a transcript (en, de, fr, es; one channel),
+as recorded (some have natural pauses: JFK's run to a second) and in ``--variants`` copies with a
+400-700 ms silence inserted at a word boundary mid-sentence. There is no forced aligner offline, so
+word boundaries are estimated: the words share the voiced span in proportion to their letters, and
+each boundary moves to the quietest 10 ms within 120 ms of the estimate (a breath or a stop closure).
+
+Every utterance runs through real Silero VAD (its probabilities computed once, then replayed) and
+``pipeline.vad.Segmenter``, (a) with a fixed endpoint silence, swept, and (b) with the endpoint the
+conversation would choose (``pipeline.endpointing``, as ``Conversation._update_endpoint`` uses it):
+the middle endpoint until an interim transcript exists, then the one its words call for.
+
+The text signal is an ORACLE, not an STT: the reference transcript's words that ended before the
+instant the interim decode starts (``partial_reuse_margin_s`` into the silence), available
+``--decode-ms`` later, and a full stop added to the whole transcript (Whisper punctuates; several
+references are lower-case without punctuation). The tests' random-weight Whisper writes garbage.
+A real Whisper may end a fragment with a full stop; the policy lets trailing words win over it, but
+a fragment ending on a content word with a stop would be cut at the short endpoint, so these
+figures are the heuristic's best case on the text side.
+
+A false cut-off: a turn ended before the true end of speech (the last 10 ms of the recording
+within 25 dB of its peak that Silero also calls speech: JFK ends in applause). Latency: true end of speech to the end of the last turn.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.audio import load_audio  # noqa: E402
+from pipeline.endpointing import classify, endpoint_ms  # noqa: E402
+from pipeline.turns import EndpointingOptions, TurnOptions  # noqa: E402
+from pipeline.vad import WINDOW, SileroVAD, Segmenter, SpeechEnd, VADOptions  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent))  # after the package: bench/pipeline.py shadows it
+from _harness import save_result  # noqa: E402
+
+RATE = 16000
+LANGUAGES = {"en", "de", "fr", "es"}
+LEAD_S, TAIL_S = 0.5, 2.5
+SWEEP_MS = list(range(96, 1504, 32))  # window multiples: what the segmenter can actually resolve
+
+
+@dataclass
+class Utterance:
+    name: str
+    language: str
+    audio: np.ndarray  # lead silence, speech, tail silence
+    words: list[str]  # reference words with their punctuation, the last one closing the sentence
+    word_ends: list[float]  # stream time (s) each word has been heard by
+    speech_end: float  # stream time of the true end of speech
+    onsets: list[float]  # stream times where speech resumes after a pause (for the oracle)
+    gap: tuple[float, float] | None = None  # (stream time, seconds) of the inserted pause
+    probs: np.ndarray | None = None  # Silero's probability per window
+
+
+def energy(x: np.ndarray) -> np.ndarray:
+    win = RATE // 100
+    return np.sqrt(np.mean(x[: len(x) // win * win].reshape(-1, win) ** 2, axis=1))
+
+
+def voiced_frames(x: np.ndarray) -> np.ndarray:
+    """Per 10 ms: loud (within 25 dB of the peak) and speech to Silero. Energy alone takes a
+    crowd's applause for speech (JFK), Silero alone ends a word early on a soft final consonant."""
+    rms = energy(x)
+    loud = rms > rms.max() * 10 ** (-25 / 20)
+    probs = silero_probs(x)
+    frame_win = np.minimum(np.arange(len(rms)) * 160 // WINDOW, len(probs) - 1)
+    return loud & (probs[frame_win] >= 0.5)
+
+
+def onsets(voiced: np.ndarray) -> list[float]:
+    """Where each voiced stretch starts (s)."""
+    starts = np.nonzero(voiced[1:] & ~voiced[:-1])[0] + 1
+    return [i * 0.01 for i in starts]
+
+
+def word_boundaries(x: np.ndarray, words: list[str]) -> tuple[float, list[float], list[float]]:
+    """True end of speech and the estimated end of each word (s into ``x``): the words share the
+    voiced 10 ms frames in proportion to their letters, so none is placed inside a pause."""
+    mask = voiced_frames(x)
+    voiced = np.nonzero(mask)[0]
+    letters = np.array([max(sum(c.isalnum() for c in w), 1) for w in words], float)
+    share = np.cumsum(letters) / letters.sum()
+    idx = [voiced[min(int(round(f * len(voiced))) - 1, len(voiced) - 1)] for f in share[:-1]]
+    rms = energy(x)
+    out = []
+    for i in idx:
+        # The quietest instant nearby: a stop closure or breath between the words.
+        lo, hi = max(i - 8, 0), min(i + 9, len(rms))
+        out.append((lo + int(np.argmin(rms[lo:hi]))) * 0.01 + 0.01)
+    end = (voiced[-1] + 1) * 0.01
+    return end, list(np.maximum.accumulate(out)) + [end], onsets(mask)
+
+
+def reference(text: str) -> list[str]:
+    words = text.split()
+    if words and words[-1][-1] not in ".?!":
+        words[-1] += "."  # Whisper ends a finished sentence with a stop
+    return words
+
+
+def load_set(speech: Path, variants: int, seed: int, only: set[str] | None) -> list[Utterance]:
+    rng = np.random.default_rng(seed)
+    rows = list(csv.DictReader((speech / "manifest.tsv").open(encoding="utf-8"), delimiter="\t"))
+    seen, out = set(), []
+    for row in rows:
+        name, lang, text = row["filename"], row["language"], row["reference_transcript"]
+        if lang not in LANGUAGES or row.get("channels", "1") != "1" or text in seen:
+            continue
+        if only is not None and name not in only:
+            continue
+        seen.add(text)
+        x = load_audio(str(speech / name))
+        words = reference(text)
+        end, ends, starts = word_boundaries(x, words)
+        lead = np.zeros(int(LEAD_S * RATE), np.float32)
+        tail = np.zeros(int(TAIL_S * RATE), np.float32)
+        out.append(Utterance(name, lang, np.concatenate([lead, x, tail]), words,
+                             [LEAD_S + e for e in ends], LEAD_S + end, [LEAD_S + t for t in starts]))
+        for _ in range(variants):
+            k = int(rng.integers(0, len(words) - 1))  # a pause after word k, never after the last
+            gap_s = float(rng.uniform(0.4, 0.7))
+            cut = int(ends[k] * RATE)
+            # Low-level noise, not digital zeros: a pause in a real room is never exactly silent.
+            pause = rng.normal(0, 10 ** (-60 / 20), int(gap_s * RATE)).astype(np.float32)
+            y = np.concatenate([lead, x[:cut], pause, x[cut:], tail])
+            shifted = [LEAD_S + e + (gap_s if i > k else 0.0) for i, e in enumerate(ends)]
+            resumed = [LEAD_S + t + (gap_s if t >= ends[k] else 0.0) for t in starts]
+            resumed.append(LEAD_S + ends[k] + gap_s)
+            out.append(Utterance(f"{name}+{gap_s * 1000:.0f}ms@{k + 1}", lang, y, words, shifted,
+                                 LEAD_S + end + gap_s, sorted(resumed), gap=(LEAD_S + ends[k], gap_s)))
+    return out
+
+
+class Replay:
+    """Silero's probabilities, computed once per utterance, fed back to each configuration."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs, self.i = probs, 0
+
+    def reset(self) -> None:
+        self.i = 0
+
+    def __call__(self, window: np.ndarray) -> float:
+        p = self.probs[self.i]
+        self.i += 1
+        return float(p)
+
+
+def silero_probs(audio: np.ndarray) -> np.ndarray:
+    vad = SileroVAD()
+    n = len(audio) // WINDOW
+    return np.array([vad(audio[i * WINDOW:(i + 1) * WINDOW]) for i in range(n)], np.float32)
+
+
+def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, decode_s: float,
+        margin_s: float) -> tuple[list[float], list[str]]:
+    """Turn-end times (stream s), and the verdicts the semantic policy reached."""
+    seg = Segmenter(vad, Replay(u.probs))
+    ends, verdicts = [], []
+    quiet_for = ready_at = None
+    interim: str | None = None
+    for i in range(len(u.probs)):
+        events = seg.feed(u.audio[i * WINDOW:(i + 1) * WINDOW])
+        ends += [seg.now for e in events if isinstance(e, SpeechEnd)]
+        if any(isinstance(e, SpeechEnd) for e in events):
+            quiet_for = ready_at = interim = None
+        if semantic is None or not seg.speaking:
+            continue
+        now, last_voiced = seg.now, round(seg.now - seg.silence_s, 4)
+        if seg.silence_s == 0:
+            interim = ready_at = None  # talking again: the last interim no longer covers it
+        elif seg.silence_s >= margin_s and quiet_for != last_voiced:
+            # The decode of everything said starts now; its text: the words said by now. Nothing is
+            # said in a pause, so every word estimated to end before speech resumes counts: that
+            # keeps the estimated word timings' errors out of the text.
+            quiet_for, ready_at = last_voiced, now + decode_s
+            said_by = next((t for t in u.onsets if t > now), float("inf"))
+            interim = " ".join(w for w, t in zip(u.words, u.word_ends) if t <= said_by)
+        text = interim if ready_at is not None and now >= ready_at else None
+        verdict = classify(text, u.language)
+        seg.endpoint_ms = endpoint_ms(verdict, semantic, vad.endpoint_silence_ms)
+        if text is not None and (not verdicts or verdicts[-1] != verdict.value):
+            verdicts.append(verdict.value)
+    return ends, verdicts
+
+
+def score(utts: list[Utterance], turn_ends: list[list[float]]) -> dict:
+    cut = [any(t < u.speech_end for t in ends) for u, ends in zip(utts, turn_ends)]
+    lat = [(max(ends) - u.speech_end) * 1000 for u, ends in zip(utts, turn_ends) if ends]
+    missed = sum(1 for ends in turn_ends if not ends)
+    q = np.percentile(lat, [50, 90]) if lat else [float("nan")] * 2
+    gaps = [c for u, c in zip(utts, cut) if u.gap]
+    return {"false_cutoffs": int(sum(cut)), "utterances": len(utts), "false_cutoff_rate": sum(cut) / len(utts),
+            "false_cutoffs_inserted_pause": int(sum(gaps)), "with_inserted_pause": len(gaps),
+            "median_ms": round(float(q[0]), 1), "p90_ms": round(float(q[1]), 1), "no_turn": missed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--speech", type=Path, default=ROOT.parent / "shared" / "speech")
+    ap.add_argument("--variants", type=int, default=6, help="copies of each recording with an inserted pause")
+    ap.add_argument("--decode-ms", type=float, default=50.0,
+                    help="time from the interim decode's start to its text (a warm GPU Whisper: tens of ms)")
+    ap.add_argument("--base-ms", type=int, default=VADOptions().endpoint_silence_ms,
+                    help="the VAD's own endpoint (the server's default)")
+    ap.add_argument("--persona-base-ms", type=int, default=1200,
+                    help="a persona's longer endpoint (the teacher's), also run with semantic end of turn")
+    ap.add_argument("--seed", type=int, default=9)
+    ap.add_argument("--smoke", action="store_true", help="the recordings in tests/data, 3 variants each")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    only = None
+    if args.smoke:
+        args.speech = ROOT / "tests" / "data"
+        args.variants = min(args.variants, 3)
+    out = args.out or ROOT / "bench" / "results" / ("endpointing-smoke.json" if args.smoke else "endpointing.json")
+
+    t0 = time.perf_counter()
+    utts = load_set(args.speech, args.variants, args.seed, only)
+    for u in utts:
+        u.probs = silero_probs(u.audio)
+    t_vad = time.perf_counter() - t0
+    semantic = TurnOptions().endpointing
+    margin = TurnOptions().partial_reuse_margin_s
+    base = VADOptions(endpoint_silence_ms=args.base_ms)
+
+    runs = [run(u, base, semantic, args.decode_ms / 1000, margin) for u in utts]
+    sem = score(utts, [r[0] for r in runs])
+    persona = VADOptions(endpoint_silence_ms=args.persona_base_ms)
+    sem_persona = score(utts, [run(u, persona, semantic, args.decode_ms / 1000, margin)[0] for u in utts])
+    verdict_counts: dict[str, int] = {}
+    for _, vs in runs:
+        for v in vs:
+            verdict_counts[v] = verdict_counts.get(v, 0) + 1
+    sweep = {ms: score(utts, [run(u, VADOptions(endpoint_silence_ms=ms), None, 0, margin)[0] for u in utts])
+             for ms in SWEEP_MS}
+    # The plain VAD whose median latency is nearest the semantic one (the longer on a tie: kinder to it).
+    same_latency = min(SWEEP_MS, key=lambda ms: (abs(sweep[ms]["median_ms"] - sem["median_ms"]), -ms))
+    fewer = [ms for ms in SWEEP_MS if sweep[ms]["false_cutoffs"] <= sem["false_cutoffs"]]
+    same_cutoffs = fewer[0] if fewer else None
+
+    n_gap = sum(1 for u in utts if u.gap)
+    print(f"endpointing: {len(utts)} utterances from {args.speech} ({len(utts) - n_gap} as recorded, {n_gap} with "
+          f"a 400-700 ms pause inserted at a word boundary); real Silero VAD ({t_vad:.1f} s)")
+    print(f"text signal: ORACLE (reference transcript up to the audio heard, {args.decode_ms:.0f} ms after the "
+          f"interim decode starts), not an STT")
+    print(f"semantic options: complete {semantic.complete_silence_ms} ms, unknown {semantic.unknown_silence_ms} ms, "
+          f"incomplete {semantic.incomplete_silence_ms} ms (unknown at most, incomplete at least the VAD base)\n")
+    header = f"{'':<40}{'false cut-offs':>16}{'(inserted)':>12}{'median':>9}{'p90':>9}"
+    print(header)
+    print("-" * len(header))
+
+    def line(label: str, s: dict) -> None:
+        print(f"{label:<40}{s['false_cutoffs']:>7}/{s['utterances']:<3} {100 * s['false_cutoff_rate']:>3.0f}%"
+              f"{s['false_cutoffs_inserted_pause']:>7}/{s['with_inserted_pause']:<4}"
+              f"{s['median_ms']:>7.0f}ms{s['p90_ms']:>7.0f}ms")
+
+    line(f"semantic end of turn, VAD base {args.base_ms} ms", sem)
+    line(f"semantic end of turn, VAD base {args.persona_base_ms} ms", sem_persona)
+    line(f"plain VAD {same_latency} ms (same median latency)", sweep[same_latency])
+    if same_cutoffs is not None:
+        line(f"plain VAD {same_cutoffs} ms (as few cut-offs)", sweep[same_cutoffs])
+    print(f"\nsemantic verdicts on interim text: {verdict_counts}")
+    print("\nplain VAD sweep (endpoint ms: false cut-offs, median latency ms):")
+    print("  " + "  ".join(f"{ms}:{sweep[ms]['false_cutoffs']}/{sweep[ms]['median_ms']:.0f}" for ms in SWEEP_MS[::2]))
+    result = {
+        "smoke": args.smoke, "speech": str(args.speech), "utterances": len(utts), "with_inserted_pause": n_gap,
+        "text_signal": "oracle: reference transcript prefix up to the audio heard",
+        "decode_ms": args.decode_ms, "vad_base_ms": args.base_ms,
+        "semantic_options": {"complete_silence_ms": semantic.complete_silence_ms,
+                             "unknown_silence_ms": semantic.unknown_silence_ms,
+                             "incomplete_silence_ms": semantic.incomplete_silence_ms},
+        "semantic": sem, "verdicts": verdict_counts,
+        "semantic_persona_base": {"vad_base_ms": args.persona_base_ms, **sem_persona},
+        "plain_same_latency": {"endpoint_ms": same_latency, **sweep[same_latency]},
+        "plain_same_cutoffs": {"endpoint_ms": same_cutoffs, **sweep[same_cutoffs]} if same_cutoffs else None,
+        "sweep": {str(ms): s for ms, s in sweep.items()},
+        # Turn ends relative to the true end of speech (negative: a cut-off), base endpoint.
+        "cases": [{"name": u.name, "semantic_turn_ends": [round(t - u.speech_end, 3) for t in r[0]],
+                   "verdicts": r[1]} for u, r in zip(utts, runs)],
+    }
+    save_result(out, result)
+
+
+if __name__ == "__main__":
+    main()
