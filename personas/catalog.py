@@ -224,7 +224,8 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
     catalog = catalog or get_catalog()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     persona = persona or next(iter(catalog.personas))
-    p = catalog.personas.get(persona)
+    # Request data is any JSON: a list or object here must be a 400, not an unhashable-key crash.
+    p = catalog.personas.get(persona) if isinstance(persona, str) else None
     if p is None:
         raise PersonaError(f"unknown persona {persona!r}; expected one of: {', '.join(catalog.personas)}")
     rng = random.Random(seed)
@@ -235,7 +236,7 @@ def build(persona: str | None, options: dict[str, Any] | None = None, catalog: C
                            p.difficulties[len(p.difficulties) // 2].id, "difficulty").id
         try:
             total = int(options.get("questions", p.default_questions))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
             raise PersonaError("questions must be a whole number") from None
         if not 1 <= total <= p.max_questions:
             raise PersonaError(f"questions must be between 1 and {p.max_questions}")
