@@ -34,6 +34,7 @@ from collections.abc import Callable
 import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
@@ -325,7 +326,7 @@ class Peer:
             raise SignalingError("the offer has no audio section: Parley needs the microphone track")
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except (ValueError, TypeError, KeyError, IndexError, AssertionError) as e:
+        except (ValueError, TypeError, KeyError, IndexError, AssertionError, InvalidStateError) as e:
             raise SignalingError(f"invalid SDP offer: {e or type(e).__name__}") from e
         # The agent's voice goes on the first audio transceiver (mid 0), the one the client plays.
         audio = next((t for t in self.pc.getTransceivers() if t.kind == "audio"), None)
@@ -337,8 +338,11 @@ class Peer:
         if audio.sender.track is None:
             audio.sender.replaceTrack(self.voice)
         audio.direction = "sendrecv"
-        answer = await self.pc.createAnswer()
-        await self.pc.setLocalDescription(answer)
+        try:
+            answer = await self.pc.createAnswer()
+            await self.pc.setLocalDescription(answer)
+        except (ValueError, InvalidStateError) as e:  # a renegotiation whose media sections changed
+            raise SignalingError(f"cannot answer this SDP offer: {e or type(e).__name__}") from e
         return self.pc.localDescription
 
     async def add_candidate(self, candidate: str, sdp_mid: str | None, sdp_mline_index: int | None) -> None:
@@ -346,11 +350,14 @@ class Peer:
         if not text:
             return  # end-of-candidates
         try:
-            c = candidate_from_sdp(text)
-        except (ValueError, IndexError) as e:
+            c = candidate_from_sdp(text)  # asserts on too few fields
+        except (ValueError, IndexError, AssertionError) as e:
             raise SignalingError(f"invalid ICE candidate: {candidate[:80]!r}") from e
         c.sdpMid, c.sdpMLineIndex = sdp_mid, sdp_mline_index
-        await self.pc.addIceCandidate(c)
+        try:
+            await self.pc.addIceCandidate(c)
+        except (ValueError, InvalidStateError) as e:  # no mid or index, a bad address, a closed connection
+            raise SignalingError(f"cannot use ICE candidate {candidate[:80]!r}: {e}") from e
 
     @property
     def closed(self) -> bool:

@@ -35,7 +35,7 @@ async def current_user(request: Request, store: Store = Depends(_store)) -> int 
 async def list_sessions(user: int | None = Depends(current_user), store: Store = Depends(_store),
                         persona: str | None = None, role: str | None = None, language: str | None = None,
                         status: str | None = Query(None, pattern="^(active|completed|interrupted)$"),
-                        limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                        limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0, le=2**31 - 1)) -> dict[str, Any]:
     """Your past sessions, newest first."""
     if user is None:
         return {"items": [], "total": 0, "limit": limit, "offset": offset}
