@@ -25,19 +25,20 @@ What is measured, per turn, on ``time.monotonic()`` (shared by the client and se
   agent's own in-order receive path, agent/peer.py, in place of aiortc's 80 ms jitter buffer; a
   browser adds its own playout buffer after that), at the packet's arrival plus the sample's offset.
 The breakdown comes from the server (bench/_harness.py Timeline: the pipeline's events and
-TurnMetrics, the same ones the data channel carries as RTVI ``metrics`` / ``server-message``):
+TurnMetrics, the same ones the data channel carries as RTVI ``metrics`` / ``server-message``), as
+the critical path from one timestamp to the next, so the stages add up to each turn's total:
 - endpointing: true end -> end of turn decided (UserStoppedSpeaking): uplink, VAD, the silence wait;
 - STT final: decided -> final transcript (TurnMetrics.stt_ms);
-- LLM TTFT: request -> first token (TurnMetrics.llm_ttft_ms);
-- LLM other: final transcript -> first clause queued, less the TTFT (persona, HTTP, the words of
-  the first clause; negative when generation started before the decision);
+- LLM: final transcript -> first clause queued for the TTS (persona, HTTP, time to first token,
+  the words of the first clause); the LLM's own time to first token (TurnMetrics.llm_ttft_ms) is
+  shown beside it. Preemptive generation starts the LLM during the endpointing: then this stage
+  is only what is left of the LLM's work after the final transcript;
 - TTS first audio: first clause -> first audio from the engine (TurnMetrics.tts_ttfb_ms);
-- output: first TTS audio -> first audible sample handed to the voice track (the wait for its next
-  20 ms slot, the TTS's own leading silence);
-- transport: that hand-over -> first audible sample decoded by the client (Opus, RTP, loopback).
-Endpointing, STT, TTFT, TTS and transport are measured independently; LLM other and output are
-what is left between their timestamps. Turns the server cut in two (a decision before the person
-finished) are counted as cut-offs and left out of the latency figures.
+- output: -> the first audible sample handed to the voice track (the wait for its next 20 ms slot,
+  the TTS's own leading silence);
+- transport: -> that sample decoded by the client (Opus, RTP, SRTP, loopback UDP).
+Turns the server cut in two (a decision before the person finished) are counted as cut-offs and
+left out of the latency figures.
 Results go to bench/results/latency.json (``--smoke``: latency-smoke.json).
 """
 from __future__ import annotations
@@ -69,8 +70,7 @@ TARGET = {"median_ms": 500, "p90_ms": 700, "ttft_ms": 150}
 # The interviewer's LLM reply: a first sentence of ordinary length (the first clause is what the
 # TTS starts on), and short enough that the next turn is not long in coming.
 REPLY = "That sounds like a solid approach. Tell me more."
-STAGES = ["endpointing", "stt_final", "llm_ttft", "llm_other", "tts_first_audio", "output", "transport"]
-MEASURED = ["endpointing", "stt_final", "llm_ttft", "tts_first_audio", "transport"]  # not by difference
+STAGES = ["endpointing", "stt_final", "llm", "tts_first_audio", "output", "transport"]
 
 
 # ---------------------------------------------------------------------------------- recordings
@@ -467,27 +467,35 @@ def analyse(i: int, turn: Turn, next_start: float | None, timeline: dict) -> dic
     metrics = next(iter(of("TurnMetrics", decided)), None)
     clause = next(iter(of("BotText", turn.t_start, spoken=False)), None)
     final = next(iter(of("Transcript", turn.t_start, final=True)), None)
-    onsets = [t for t in timeline["onsets"] if decided <= t <= turn.t_onset + 0.001]
+    # Opus's pre-echo can put a little sound a few ms before the onset it encodes: hence the slack.
+    onsets = [t for t in timeline["onsets"] if decided <= t <= turn.t_onset + 0.03]
     row.update(status="ok", transcript=final and final.get("text"))
-    st = {"endpointing": (decided - turn.t_end) * 1000}
+    row["server_audio_onsets_ms"] = [round((t - turn.t_end) * 1000, 1) for t in timeline["onsets"]
+                                     if turn.t_start <= t < hi]
+    # The stages are the critical path, one after the other: each ends at a timestamp no earlier
+    # than the last one's end, so they add up to the total. Work done ahead (preemptive generation:
+    # the LLM, even the TTS, running on the interim transcript before the decision) shows as a
+    # shorter stage, not a negative one; the engines' own times are kept beside them.
+    st: dict[str, float | None] = dict.fromkeys(STAGES)
+    t = decided
+    st["endpointing"] = (decided - turn.t_end) * 1000
     if metrics is not None:
-        st["stt_final"] = metrics.get("stt_ms")
-        st["llm_ttft"] = metrics.get("llm_ttft_ms")
-        st["tts_first_audio"] = metrics.get("tts_ttfb_ms")
+        row["engine_ms"] = {"stt": metrics.get("stt_ms"), "llm_ttft": metrics.get("llm_ttft_ms"),
+                            "tts": metrics.get("tts_ttfb_ms")}
         row["server_voice_to_voice_ms"] = metrics.get("voice_to_voice_ms")
         # How far the server's own idea of the end of speech is from the true one (uplink, VAD).
         if metrics.get("voice_to_voice_ms") is not None:
             row["server_end_vs_true_end_ms"] = round(
                 (metrics["at"] - metrics["voice_to_voice_ms"] / 1000 - turn.t_end) * 1000, 1)
-        extra = {k: v for k, v in metrics.items() if k not in ("type", "at", "turn", "stt_ms", "llm_ttft_ms",
-                                                                 "tts_ttfb_ms", "voice_to_voice_ms", "pipeline_ms")}
-        row.update(extra)  # what newer TurnMetrics carry (e.g. discarded preemptive requests)
-    if clause is not None and None not in (st.get("stt_final"), st.get("llm_ttft")):
-        st["llm_other"] = (clause["at"] - decided) * 1000 - st["stt_final"] - st["llm_ttft"]
-    if onsets:
-        st["transport"] = (turn.t_onset - onsets[0]) * 1000
-        if clause is not None and st.get("tts_first_audio") is not None:
-            st["output"] = (onsets[0] - clause["at"]) * 1000 - st["tts_first_audio"]
+        row.update({k: v for k, v in metrics.items() if k not in (
+            "type", "at", "turn", "stt_ms", "llm_ttft_ms", "tts_ttfb_ms", "voice_to_voice_ms", "pipeline_ms")})
+        if clause is not None and onsets and None not in (metrics.get("stt_ms"), metrics.get("tts_ttfb_ms")):
+            chain = [decided + metrics["stt_ms"] / 1000, clause["at"], clause["at"] + metrics["tts_ttfb_ms"] / 1000,
+                     onsets[0], turn.t_onset]
+            for name, end in zip(["stt_final", "llm", "tts_first_audio", "output", "transport"], chain):
+                end = max(end, t)
+                st[name], t = (end - t) * 1000, end
+            row["llm_ahead_of_final_ms"] = round(max(decided + metrics["stt_ms"] / 1000 - clause["at"], 0) * 1000, 1)
     row["stages_ms"] = {k: (round(v, 1) if v is not None else None) for k, v in st.items()}
     return row
 
@@ -507,6 +515,10 @@ def summarise(rows: list[dict]) -> dict:
     for s in STAGES:
         v = [r["stages_ms"][s] for r in ok if r["stages_ms"].get(s) is not None]
         out["stages_ms"][s] = {"median": pct(v, 50), "p90": pct(v, 90), "n": len(v)}
+    out["engine_ms"] = {}
+    for s in ("stt", "llm_ttft", "tts"):
+        v = [r["engine_ms"][s] for r in ok if r.get("engine_ms", {}).get(s) is not None]
+        out["engine_ms"][s] = {"median": pct(v, 50), "p90": pct(v, 90), "n": len(v)}
     out["target_met"] = bool(totals) and out["total_ms"]["median"] < TARGET["median_ms"] \
         and out["total_ms"]["p90"] < TARGET["p90_ms"] and out["no_reply"] == 0
     return out
@@ -515,9 +527,9 @@ def summarise(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------- report
 
 
-LABELS = {"endpointing": "endpointing (true end -> turn decided)", "stt_final": "STT final",
-          "llm_ttft": "LLM time to first token", "llm_other": "LLM other (persona, HTTP, first clause)",
-          "tts_first_audio": "TTS first audio", "output": "output (next 20 ms slot, TTS leading silence)",
+LABELS = {"endpointing": "endpointing (true end -> turn decided)", "stt_final": "STT final (-> transcript)",
+          "llm": "LLM (-> first clause)", "tts_first_audio": "TTS first audio",
+          "output": "output (next 20 ms slot, TTS leading silence)",
           "transport": "transport (Opus, RTP, loopback, decode)"}
 
 
@@ -538,6 +550,10 @@ def table(result: dict) -> str:
         for k in STAGES:
             v = s["stages_ms"][k]
             lines.append(f"    {LABELS[k]:<46} {str(v['median']):>7} {str(v['p90']):>7}")
+            if k == "llm":
+                e = s["engine_ms"]["llm_ttft"]
+                lines.append(f"      {'the LLM engine own time to first token':<44} {str(e['median']):>7} "
+                             f"{str(e['p90']):>7}")
         verdict = "met" if s["target_met"] else "NOT met"
         lines.append(f"  target (TTFT {TARGET['ttft_ms']} ms): median < {TARGET['median_ms']}, "
                      f"p90 < {TARGET['p90_ms']}: {verdict}")
@@ -545,8 +561,10 @@ def table(result: dict) -> str:
             f"{r['recording'].split('.')[0]} {r.get('total_ms', r['status'])}"
             + ("" if r.get("status") == "ok" else f" ({r['status']})") for r in run["turns"]))
         lines.append("")
-    lines.append("Stage medians do not add up to the total's median; LLM other and output are "
-                 "what is left between measured timestamps.")
+    lines.append("Stages are the critical path, one after another (they add up to each turn's total; "
+                 "their medians need not add up to the total's); work done ahead of the decision "
+                 "(preemptive generation) shortens a stage. The TTFT line is the LLM's own time, "
+                 "which preemptive generation may have spent during the endpointing.")
     return "\n".join(lines)
 
 
