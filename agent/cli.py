@@ -73,6 +73,20 @@ def stt_worker(args: argparse.Namespace) -> None:
     asyncio.run(serve(args.socket, whisper_options(settings)))
 
 
+def token(args: argparse.Namespace) -> None:
+    from signaling.auth import mint
+
+    from .config import get_settings
+
+    settings = get_settings()
+    if not settings.auth_secret:
+        sys.exit("set PARLEY_AUTH_SECRET (the server's secret) to mint tokens")
+    signed = mint(settings.auth_secret, args.user, args.room, args.ttl)
+    print(signed)
+    # The fragment keeps the token out of server logs and Referer headers.
+    print(f"page: http://{settings.host}:{settings.port}/?room={args.room}#token={signed}", file=sys.stderr)
+
+
 def bench(args: argparse.Namespace) -> None:
     script = Path(__file__).resolve().parents[1] / "bench" / f"{args.what}.py"
     if not script.exists():
@@ -98,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
                        "(they set PARLEY_STT_WORKER to the socket)")
     p.add_argument("--socket", required=True, help="Unix socket path to listen on")
     p.set_defaults(func=stt_worker)
+    p = sub.add_parser("token", help="mint a signed room token (servers with PARLEY_AUTH_SECRET); "
+                       "your application does the same with any JWT library, see SECURITY.md")
+    p.add_argument("--room", required=True)
+    p.add_argument("--user", required=True, help="the user's id in your application")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds the token is valid (default 3600)")
+    p.set_defaults(func=token)
     p = sub.add_parser("bench", help="run a benchmark from bench/ (pipeline, ...)")
     p.add_argument("what")
     p.add_argument("rest", nargs=argparse.REMAINDER)

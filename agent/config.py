@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_offline: bool = False
     llm_first_token_timeout_s: float = 15.0
+    llm_token_timeout_s: float = 10.0  # a stream silent this long mid-reply has stalled
 
     tts: str = Field("edge", pattern="^(edge|espeak)$")
     tts_voice: str | None = None
@@ -72,12 +73,27 @@ class Settings(BaseSettings):
     def audio_path(self) -> Path:
         return Path(self.audio_dir) if self.audio_dir else data_dir() / "audio"
 
+    # Access (SECURITY.md). With auth_secret set, /api/offer, /api/rooms and the history API need a
+    # signed room token (`parley token` mints one); unset, the server is open, as on a laptop.
+    auth_secret: str | None = Field(None, min_length=32)  # HS256 wants at least 256 bits
+    # Browser origins other than this server's own that may call the API (comma-separated); none:
+    # same origin only. Pages that may frame Parley (CSP frame-ancestors), e.g. a video-call app.
+    cors_origins: str = ""
+    frame_ancestors: str = "'self'"
+    # Per client address, over /api/offer (POST and PATCH) and the token endpoint: a browser joining
+    # sends one offer and a few candidate batches, so a burst of 40 never limits people.
+    signaling_rate_per_min: float = Field(120.0, gt=0)
+    signaling_burst: int = Field(40, ge=1)
+
     # Rooms
     max_rooms: int = 50
     room_grace_s: float = 30.0  # a room whose peer dropped waits this long for a reconnect
     max_session_s: float = 3600.0
     connect_timeout_s: float = 30.0  # offer answered but ICE never completed
+    peer_media_timeout_s: float = Field(15.0, gt=0)  # a connected peer that sends no audio this long is gone
     max_message_bytes: int = 16 * 1024  # data-channel messages
+    max_messages_per_s: float = Field(20.0, gt=0)  # per room, bursts of 2 s allowed
+    max_utterance_s: float = Field(30.0, ge=5, le=120)  # longer speech is cut into turns (Whisper's window)
     max_body_bytes: int = 64 * 1024  # signaling requests
 
     vad_threshold: float = 0.5
@@ -92,6 +108,10 @@ class Settings(BaseSettings):
         if self.llm_api_key is None:
             self.llm_api_key = os.environ.get("OPENAI_API_KEY") or None
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def offline_llm(self) -> bool:

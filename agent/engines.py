@@ -57,5 +57,6 @@ def build_engines(settings: Settings) -> Engines:
     if not settings.offline_llm:
         llm = OpenAILLM(LLMOptions(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
                                    model=settings.llm_model,
-                                   first_token_timeout_s=settings.llm_first_token_timeout_s))
+                                   first_token_timeout_s=settings.llm_first_token_timeout_s,
+                                   token_timeout_s=settings.llm_token_timeout_s))
     return Engines(stt=stt, tts=make_tts(settings.tts), llm=llm)

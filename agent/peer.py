@@ -71,6 +71,7 @@ class AgentVoiceTrack(MediaStreamTrack):
         self.late_frames = 0
         self.max_late_s = 0.0
         self.resyncs = 0
+        self.source_errors = 0
 
     async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
@@ -93,7 +94,15 @@ class AgentVoiceTrack(MediaStreamTrack):
             if late > self.max_late_s:
                 self.max_late_s = late
         self.frames += 1
-        pcm = self._source()
+        try:
+            pcm = self._source()
+        except Exception:
+            # A pipeline bug must cost this frame, not the track: aiortc stops a sender whose
+            # track raises, and the room would be mute for good.
+            self.source_errors += 1
+            if self.source_errors == 1 or self.source_errors % 500 == 0:
+                log.exception("the voice source failed (%d times); sending silence", self.source_errors)
+            pcm = np.zeros(OUTPUT_FRAME_SAMPLES, np.int16)
         if self._encoder is not None:
             packet = self._encoder.encode(pcm)
         else:
@@ -304,7 +313,8 @@ class Peer:
     """One RTCPeerConnection bound to a room. Owns the task that reads the person's audio."""
 
     def __init__(self, pc_id: str, on_audio: Callable[[AudioFrame], None], voice: Callable[[], np.ndarray],
-                 on_message: Callable[["Peer", str | bytes], None], on_closed: Callable[["Peer"], None]):
+                 on_message: Callable[["Peer", str | bytes], None], on_closed: Callable[["Peer"], None],
+                 media_timeout_s: float = 15.0):
         self.pc_id = pc_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.voice = AgentVoiceTrack(voice)
@@ -313,6 +323,11 @@ class Peer:
         self._reader: asyncio.Task | None = None  # with _DecodeInLoop it only sees the track end
         self._audio_errors = 0
         self._closed = False
+        # A browser sends audio all the time, silence included; a peer that sends nothing for this
+        # long has vanished (a closed laptop, a dead network) long before ICE consent gives up (30 s).
+        self.media_timeout_s = media_timeout_s
+        self.last_media = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
         self.channel_open = asyncio.Event()
         self.connected = asyncio.Event()
         self.pc.on("datachannel", self._on_datachannel)
@@ -383,6 +398,7 @@ class Peer:
     def _deliver(self, frame: av.AudioFrame) -> None:
         """The person's audio, straight from ``_DecodeInLoop`` (inside aiortc's packet handling: an
         exception must not reach it)."""
+        self.last_media = time.monotonic()
         try:
             self._on_audio(audio_frame(frame))
         except Exception:
@@ -395,6 +411,7 @@ class Peer:
         try:
             while True:
                 frame = await track.recv()
+                self.last_media = time.monotonic()
                 self._on_audio(audio_frame(frame))
         except MediaStreamError:
             pass  # the remote track ended
@@ -404,14 +421,30 @@ class Peer:
         log.info("peer %s: %s", self.pc_id, state)
         if state == "connected":
             self.connected.set()
+            if self._watchdog is None:
+                self.last_media = time.monotonic()
+                self._watchdog = asyncio.get_running_loop().create_task(self._watch_media(),
+                                                                        name=f"peer {self.pc_id} watchdog")
         if state in ("failed", "closed"):
             await self.close()
+
+    async def _watch_media(self) -> None:
+        while not self._closed:
+            quiet = time.monotonic() - self.last_media
+            if quiet >= self.media_timeout_s:
+                log.warning("peer %s: no audio for %.1fs; the client is gone", self.pc_id, quiet)
+                await self.close()  # which leaves this task, its caller, running to the end
+                return
+            await asyncio.sleep(self.media_timeout_s - quiet + 0.05)  # a timer: the next moment silence could end it
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.voice.stop()
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

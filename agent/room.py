@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .recorder import Recorder
 from .store import Store
 from .peer import Peer, SignalingError
+from .ratelimit import TokenBucket
 from .session import SilenceHint, build_conversation, open_recorder
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,19 @@ ROOM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class RoomError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class Room:
     def __init__(self, room_id: str, persona: PersonaSession, settings: Settings, engines: Engines,
-                 on_empty: "callable", recorder: Recorder | None = None, metrics: Metrics | None = None):
+                 on_empty: "callable", recorder: Recorder | None = None, metrics: Metrics | None = None,
+                 owner: str | None = None):
         self.id = room_id
+        # Whoever opened the room (their user token); only they can connect to it again.
+        self.owner = owner
         self.persona = persona
         self.settings = settings
         self.engines = engines
@@ -54,6 +59,9 @@ class Room:
         self._grace: asyncio.Task | None = None
         self._tasks = TaskSet(room_id)
         self._closed = False
+        # Two seconds' worth of burst: a client sends a handful of messages at once when it connects.
+        self._messages = TokenBucket(settings.max_messages_per_s, 2 * settings.max_messages_per_s)
+        self._flooded = False
         self.recorder = recorder
         self.metrics = metrics
         # The persona is the conversation's LLM: it decides each turn and calls the real one.
@@ -68,7 +76,7 @@ class Room:
 
     def new_peer(self, pc_id: str) -> Peer:
         return Peer(pc_id, self.conversation.push_audio, self.conversation.read_frame,
-                    self._on_message, self._on_peer_closed)
+                    self._on_message, self._on_peer_closed, self.settings.peer_media_timeout_s)
 
     async def attach(self, peer: Peer) -> None:
         old, self.peer = self.peer, peer
@@ -147,6 +155,13 @@ class Room:
         peer.send(json.dumps(rtvi.message("server-response", {"t": "end-session", "d": result}, request_id)))
 
     def _on_message(self, peer: Peer, raw: str | bytes) -> None:
+        if not self._messages.take():
+            if not self._flooded:  # said once per flood, not once per dropped message
+                self._flooded = True
+                peer.send(json.dumps(rtvi.error(
+                    f"too many messages: at most {self.settings.max_messages_per_s:g} a second; some were dropped")))
+            return
+        self._flooded = False
         try:
             msg = rtvi.parse(raw, self.settings.max_message_bytes)
         except rtvi.BadMessage as e:
@@ -246,6 +261,9 @@ class RoomManager:
                 room = self.rooms.get(room_id or "") if room_id else None
                 if room is None:
                     room = await self._create_room(room_id, persona, options, user_token)
+            if room.owner != user_token:
+                # Not a 404: the name is taken, and saying so lets the person pick another.
+                raise RoomError(409, f"room {room.id!r} is in use by someone else; choose another room name")
             peer = room.new_peer(pc_id or uuid.uuid4().hex)
             return await self._answer(peer, room, sdp, type_, fresh=True)
 
@@ -268,7 +286,8 @@ class RoomManager:
         if room_id is not None and not ROOM_ID.match(room_id):
             raise RoomError(400, "room ids are 1-64 letters, digits, '.', '_' or '-'")
         if len(self.rooms) >= self.settings.max_rooms:
-            raise RoomError(429, f"the server is full ({self.settings.max_rooms} rooms); try again later")
+            raise RoomError(503, f"the server is full ({self.settings.max_rooms} rooms); try again later",
+                            retry_after_s=30)
         try:
             session = build(persona, options)
         except ValueError as e:
@@ -278,7 +297,8 @@ class RoomManager:
         if self.store is not None:
             # Without a token the conversation is still saved, under a fresh anonymous user.
             session, recorder = await open_recorder(self.store, self.settings, room_id, session, user_token)
-        room = Room(room_id, session, self.settings, self.engines, self._drop, recorder, self.metrics)
+        room = Room(room_id, session, self.settings, self.engines, self._drop, recorder, self.metrics,
+                    owner=user_token)
         self.rooms[room.id] = room
         log.info("room %s opened (%s %s)", room.id, session.persona, session.options)
         return room

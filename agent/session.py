@@ -33,7 +33,8 @@ def build_conversation(persona: PersonaSession, settings: Settings, engines: Eng
         stt=engines.stt, llm=llm, tts=engines.tts, config=persona.config,
         vad_options=VADOptions(threshold=settings.vad_threshold,
                                endpoint_silence_ms=persona.config.endpoint_silence_ms
-                               or settings.vad_endpoint_silence_ms),
+                               or settings.vad_endpoint_silence_ms,
+                               max_segment_s=settings.max_utterance_s),
         turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
                                  partial_interval_s=settings.stt_partial_interval_s),
         emit=emit, name=name,

@@ -8,7 +8,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -17,10 +18,13 @@ from pydantic import BaseModel, Field
 from agent.config import Settings, get_settings
 from agent.engines import Engines, build_engines
 from agent.metrics import Metrics
+from agent.ratelimit import KeyedLimiter
 from agent.room import RoomError, RoomManager
 from personas.catalog import get_catalog, list_personas, use_data_dir
 from pipeline.metrics import summarize
 
+from .auth import bearer, grant_for, require_room
+from .headers import SecurityHeaders, content_security_policy
 from .history import router as history_router
 from .livekit_tokens import livekit_router
 from .limits import BodySizeLimit
@@ -124,7 +128,24 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
 
     app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan,
                   description="Real-time voice agent for practice conversations.")
+    app.state.settings = settings
+    # Outermost last: sizes are checked before anything else reads the body, and every answer,
+    # refusals included, carries the security and CORS headers.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_credentials=False,
+                           allow_methods=["GET", "POST", "PATCH"], allow_headers=["Authorization", "Content-Type"],
+                           max_age=600)
+    app.add_middleware(SecurityHeaders, csp=content_security_policy(settings.frame_ancestors, settings.livekit_url))
+    signaling_limit = KeyedLimiter(settings.signaling_rate_per_min / 60, settings.signaling_burst)
+
+    async def rate_limited(request: Request) -> None:
+        """Per client address. Behind a reverse proxy run uvicorn with --proxy-headers so that
+        this is the browser's address, not the proxy's."""
+        wait = signaling_limit.check(request.client.host if request.client else "?")
+        if wait is not None:
+            raise HTTPException(429, "too many signaling requests from your address; slow down",
+                                headers={"Retry-After": str(max(1, round(wait)))})
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -137,7 +158,8 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
 
     @app.exception_handler(RoomError)
     async def room_error(request: Request, exc: RoomError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(round(exc.retry_after_s))} if exc.retry_after_s is not None else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -145,7 +167,7 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.include_router(history_router)
-    app.include_router(livekit_router(settings))
+    app.include_router(livekit_router(settings), dependencies=[Depends(rate_limited)])
 
     @app.get("/history", include_in_schema=False)
     async def history_page() -> FileResponse:
@@ -171,7 +193,7 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
     async def personas() -> dict[str, Any]:
         return {"personas": list_personas()}
 
-    @app.post("/api/offer", response_model=OfferAnswer)
+    @app.post("/api/offer", response_model=OfferAnswer, dependencies=[Depends(rate_limited)])
     async def offer(body: OfferRequest, request: Request,
                     room: str | None = Query(None), persona: str | None = Query(None),
                     role: str | None = None, interview_type: str | None = None,
@@ -186,21 +208,35 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
         options.update(data.get("options") or {})
         room_id = data.get("room") or data.get("room_id") or room
         token = data.get("user_token")
+        grant = grant_for(request, str(token) if token else None)
+        if grant is not None:
+            room_id = room_id or grant.room
+            require_room(grant, str(room_id))
+            token = grant.store_token
         return await request.app.state.rooms.offer(
             body.sdp, body.type, body.pc_id, body.restart_pc,
             str(room_id) if room_id is not None else None, data.get("persona") or persona, options,
             user_token=str(token) if token else None)
 
-    @app.patch("/api/offer")
+    @app.patch("/api/offer", dependencies=[Depends(rate_limited)])
     async def candidates(body: CandidatesRequest, request: Request) -> dict[str, str]:
         """Trickled ICE candidates for a connection created by POST /api/offer."""
+        grant = grant_for(request)
+        if grant is not None:
+            known = request.app.state.rooms.peers.get(body.pc_id)
+            if known is not None:
+                require_room(grant, known[1].id)
         await request.app.state.rooms.add_candidates(body.pc_id, [c.model_dump() for c in body.candidates])
         return {"status": "ok"}
 
     @app.get("/api/rooms/{room_id}")
     async def room_info(room_id: str, request: Request) -> dict[str, Any]:
+        grant = grant_for(request)
+        require_room(grant, room_id)
         room = request.app.state.rooms.rooms.get(room_id)
-        if room is None:
+        # A room shows its transcript only to whoever opened it (on open servers too, by their token).
+        caller = grant.store_token if grant is not None else bearer(request)
+        if room is None or (room.owner is not None and caller != room.owner):
             raise HTTPException(404, f"unknown room {room_id!r}")
         conv = room.conversation
         return {"room": room.id, "persona": room.persona.persona, "options": room.persona.options,

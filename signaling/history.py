@@ -10,6 +10,8 @@ from fastapi.responses import Response
 
 from agent.store import Store
 
+from .auth import bearer, grant_for
+
 router = APIRouter(prefix="/api", tags=["history"])
 
 
@@ -21,10 +23,12 @@ def _store(request: Request) -> Store:
 
 
 async def current_user(request: Request, store: Store = Depends(_store)) -> int | None:
-    """The user behind ``Authorization: Bearer <token>`` (the browser's anonymous token); None for a
-    token never seen, who simply has no history."""
-    auth = request.headers.get("authorization", "")
-    token = auth.removeprefix("Bearer ").strip() if auth.lower().startswith("bearer ") else ""
+    """The user behind ``Authorization: Bearer <token>``: the browser's anonymous token, or with
+    access control on, the signed token's user. None for someone never seen, who has no history."""
+    grant = grant_for(request)
+    if grant is not None:
+        return await store.find_user(grant.store_token)
+    token = bearer(request)
     if not token:
         raise HTTPException(401, "send your user token as 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})

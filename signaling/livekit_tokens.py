@@ -17,12 +17,14 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from agent.config import Settings
 from agent.room import ROOM_ID
 from personas.catalog import build
+
+from .auth import grant_for, require_room
 
 TOKEN_TTL = timedelta(hours=2)
 
@@ -58,8 +60,13 @@ def livekit_router(settings: Settings) -> APIRouter:
         return {"url": url, "agent_name": settings.livekit_agent_name}
 
     @router.post("/token", response_model=TokenResponse)
-    async def token(body: TokenRequest) -> dict[str, str]:
+    async def token(body: TokenRequest, request: Request) -> dict[str, str]:
         url, key, secret = configured()
+        grant = grant_for(request, body.user_token, settings.auth_secret or "")
+        if grant is not None:
+            # A LiveKit token is a way into the room like an offer is: only for the room signed for.
+            body = body.model_copy(update={"room": body.room or grant.room, "user_token": grant.store_token})
+            require_room(grant, body.room)
         try:
             from livekit import api
         except ImportError:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -98,9 +99,10 @@ def loopback_ice(monkeypatch):
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
 
 
-@pytest.fixture
-async def parley_server(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
-    """A real ``parley serve`` (uvicorn + FastAPI) on a free loopback port, in this event loop."""
+@contextlib.asynccontextmanager
+async def running_server(tiny_whisper_path: Path, fake_llm, tmp_path: Path, **overrides):
+    """A real ``parley serve`` (uvicorn + FastAPI) on a free loopback port, in this event loop;
+    ``overrides`` are Settings fields."""
     import socket
 
     import uvicorn
@@ -111,11 +113,11 @@ async def parley_server(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = Settings(host="127.0.0.1", port=port, stt_model=str(tiny_whisper_path), stt_device="cpu",
-                        stt_max_new_tokens=12, llm_base_url=fake_llm.url, llm_api_key="test", llm_model="test-model",
-                        tts="espeak", room_grace_s=2.0, database_url=f"sqlite+aiosqlite:///{tmp_path}/parley.db",
-                        audio_dir=str(tmp_path / "audio"),
-                        _env_file=None)
+    fields = dict(host="127.0.0.1", port=port, stt_model=str(tiny_whisper_path), stt_device="cpu",
+                  stt_max_new_tokens=12, llm_base_url=fake_llm.url, llm_api_key="test", llm_model="test-model",
+                  tts="espeak", room_grace_s=2.0, database_url=f"sqlite+aiosqlite:///{tmp_path}/parley.db",
+                  audio_dir=str(tmp_path / "audio"))
+    settings = Settings(**{**fields, **overrides}, _env_file=None)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.get_running_loop().create_task(server.serve())
@@ -125,6 +127,15 @@ async def parley_server(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
     server.app_state = app.state
     server.url = f"http://127.0.0.1:{port}"
     server.llm = fake_llm
-    yield server
-    server.should_exit = True
-    await asyncio.wait_for(task, 30)
+    server.settings = settings
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def parley_server(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
+    async with running_server(tiny_whisper_path, fake_llm, tmp_path) as server:
+        yield server

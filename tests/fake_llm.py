@@ -30,6 +30,8 @@ class FakeLLM:
     # Per-request replies, used in order before falling back to ``behaviour.reply``.
     script: list[str] = field(default_factory=list)
     reply_for: object = None  # optional callable(request) -> reply text
+    # Optional callable(request) -> Behaviour or None: faults for some requests only (one room's, say).
+    behaviour_for: object = None
     # Per-request HTTP statuses, used in order before falling back to ``behaviour.status``.
     statuses: list[int] = field(default_factory=list)
     # Indices (into ``requests``) of the requests whose client hung up before the reply ended.
@@ -92,11 +94,11 @@ class FakeLLM:
             raise
 
     async def _answer(self, request: web.Request, body: dict) -> web.StreamResponse:
-        b = self.behaviour
+        b = (self.behaviour_for(body) if callable(self.behaviour_for) else None) or self.behaviour
         if b.hang:
             await self._release.wait()
             return web.Response(status=503)
-        status = self.statuses.pop(0) if self.statuses else b.status
+        status = self.statuses.pop(0) if self.statuses and b is self.behaviour else b.status
         if status != 200:
             return web.json_response({"error": {"message": "scripted failure", "type": "server_error"}}, status=status)
         if callable(self.reply_for):

@@ -50,7 +50,10 @@ class RecordingTrack(MediaStreamTrack):
     def play(self, audio16k: np.ndarray) -> None:
         """Queue more speech right after what is playing now."""
         x = float_to_int16(resample_once(audio16k, 16000, 48000))
-        self._pcm = np.concatenate([self._pcm[: max(self._pos, 0)], x])
+        head = self._pcm[: self._pos]
+        # Past the end of what was queued, the track has been sending silence up to ``_pos``.
+        head = np.concatenate([head, np.zeros(self._pos - len(head), np.int16)])
+        self._pcm = np.concatenate([head, x])
         self.finished.clear()
 
 

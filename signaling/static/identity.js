@@ -15,8 +15,29 @@ function newToken() {
   return base64url(crypto.getRandomValues(new Uint8Array(32)));
 }
 
+// On a server with access control, the embedding application opens the page as
+// /?room=R#token=<signed room token>. A fragment never reaches a server, its logs or a Referer;
+// the token is kept for this tab only and taken out of the address bar.
+const SIGNED_TOKEN_KEY = "parley.signedToken";
+
+function signedToken() {
+  const found = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  try {
+    if (found) {
+      sessionStorage.setItem(SIGNED_TOKEN_KEY, decodeURIComponent(found[1]));
+      history.replaceState(null, "", location.pathname + location.search);
+    }
+    return sessionStorage.getItem(SIGNED_TOKEN_KEY);
+  } catch {
+    return found ? decodeURIComponent(found[1]) : null;
+  }
+}
+
 // The token, created on first use: 32 random bytes, base64url without padding (43 characters).
+// A signed room token, when the page was given one, stands in its place.
 export function userToken() {
+  const signed = signedToken();
+  if (signed) return signed;
   try {
     let token = localStorage.getItem(USER_TOKEN_KEY);
     if (!token || !/^[A-Za-z0-9_-]{32,}$/.test(token)) {
