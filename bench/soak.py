@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace) -> None:
     def record(what: str) -> None:
         counted[what.splitlines()[0][:200]] += 1
         if len(errors) < 200:
-            errors.append(what[:4000])
+            errors.append(what if len(what) <= 4000 else what[:600] + "\n...\n" + what[-3000:])
 
     class Collect(logging.Handler):
         def emit(self, rec: logging.LogRecord) -> None:
@@ -137,7 +137,8 @@ def serve(args: argparse.Namespace) -> None:
                 pass  # the listing's own descriptor
         return {"rss": proc.memory_info().rss, "rooms": len(app.state.rooms.rooms),
                 "peers": len(app.state.rooms.peers),
-                "tasks": sorted((t.get_coro().__qualname__ if t.get_coro() else t.get_name())
+                # by what runs (an async generator's finalizer has no qualname), not by name
+                "tasks": sorted(getattr(t.get_coro(), "__qualname__", None) or t.get_name()
                                 for t in asyncio.all_tasks() if t is not me),
                 "threads": sorted(t.name for t in threading.enumerate()), "fds": sorted(fds),
                 "errors": errors[-20:], "error_count": sum(counted.values()), "error_kinds": dict(counted)}
