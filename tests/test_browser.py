@@ -92,7 +92,22 @@ class BrowserPage:
 
     async def wait(self, expression: str, what: str, timeout_s: float, arg=None, diagnostics: str = "null"):
         try:
-            return await self.page.wait_for_function(expression, arg=arg, timeout=timeout_s * 1000, polling=50)
+            # Not wait_for_function: it compiles the predicate with `new Function` inside the page,
+            # which the page's content policy (script-src 'self') rightly forbids. A function
+            # handed to evaluate is compiled by DevTools, outside the policy.
+            found = await self.page.evaluate(f"""async (arg) => {{
+                const check = () => {{ const v = ({expression}); return typeof v === "function" ? v(arg) : v; }};
+                const deadline = performance.now() + {timeout_s * 1000};
+                while (performance.now() < deadline) {{
+                    const v = check();
+                    if (v) return v;
+                    await new Promise((resolve) => setTimeout(resolve, 50));
+                }}
+                return null;
+            }}""", arg)
+            if found is None:
+                raise PlaywrightTimeout(f"{what}: {timeout_s} s")
+            return found
         except PlaywrightTimeout:
             try:
                 state = await self.page.evaluate(diagnostics)
@@ -110,7 +125,11 @@ async def browser_page(fake_mic_wav, artifacts, request):
         browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(fake_mic_wav))
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 900})
-            yield BrowserPage(await context.new_page(), artifacts, request.node.name)
+            page = BrowserPage(await context.new_page(), artifacts, request.node.name)
+            yield page
+            # Our pages run under script-src/style-src 'self': anything they do that the policy
+            # blocks is a bug users would meet as a silently broken page.
+            assert not [line for line in page.logs if "Content Security Policy" in line], page.logs
         finally:
             await browser.close()
 
