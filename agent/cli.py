@@ -6,6 +6,7 @@ import logging
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 
@@ -18,10 +19,29 @@ class _ContextFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (Loki, CloudWatch, ...): the room is a field, not text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "room": record.room,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [room=%(room)s] %(message)s"))
+    if fmt == "json":
+        formatter: logging.Formatter = JSONFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [room=%(room)s] %(message)s")
+    handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -37,7 +57,7 @@ def serve(args: argparse.Namespace) -> None:
         settings.host = args.host
     if args.port:
         settings.port = args.port
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("parley")
     mode = "offline personas (no LLM configured)" if settings.offline_llm else f"LLM {settings.llm_model}"
     log.info("Parley on http://%s:%d  (%s, STT %s, TTS %s)", settings.host, settings.port, mode,
@@ -51,7 +71,7 @@ def livekit(args: argparse.Namespace) -> None:
     from .livekit_worker import run
 
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     logging.getLogger("parley").info("LiveKit worker %r for %s", settings.livekit_agent_name,
                                      settings.livekit_url or "LIVEKIT_URL")
     run(settings, devmode=args.dev)
@@ -69,7 +89,7 @@ def stt_worker(args: argparse.Namespace) -> None:
     from .engines import whisper_options
 
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(args.socket, whisper_options(settings)))
 
 

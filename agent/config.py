@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: str = Field("text", pattern="^(text|json)$")  # json: one object per line, room as a field
 
     # Speech recognition. "base" answers in well under a second on a laptop CPU; on a GPU use
     # large-v3-turbo. A size name is fetched once into the cache; a local path is used as is.

@@ -90,7 +90,9 @@ async def ask_structured(llm: StructuredLLM, prompt: str, model: type[M], name: 
         try:
             return model.model_validate_json(_strip_fences(raw)), raw
         except ValidationError as e:
-            log.warning("invalid %s from the LLM: %s", name, e.errors()[:2])
+            # Where and what, never the input: it is the model's words about what the person said.
+            problems = [f"{'.'.join(map(str, err['loc'])) or '(root)'}: {err['type']}" for err in e.errors()[:3]]
+            log.warning("invalid %s from the LLM: %s", name, "; ".join(problems))
             messages += [{"role": "assistant", "content": raw},
                          {"role": "user", "content": f"That did not match the schema ({e.errors()[0]['msg']}). "
                                                      "Answer again with JSON only."}]
