@@ -87,3 +87,34 @@ def test_short_click_is_not_speech(click_ms):
     seg = Segmenter()
     events = [e for i in range(0, len(x), 320) for e in seg.feed(x[i : i + 320])]
     assert not [e for e in events if isinstance(e, SpeechEnd)]
+
+
+def test_a_three_minute_monologue_is_cut_into_bounded_turns_and_keeps_every_second(speech):
+    """Nobody's speech is buffered forever: past ``max_segment_s`` the segment ends and the next
+    one starts at once, with no audio lost between them."""
+    def trimmed(x: np.ndarray) -> np.ndarray:  # the recordings' own lead-in and tail silences
+        loud = np.flatnonzero(np.abs(x) > 0.05)
+        return x[loud[0] : loud[-1] + 1]
+
+    recordings = [trimmed(speech(n)) for n in ("en_birch_canoe.wav", "en_goforward.wav")]
+    gap = np.zeros(int(0.15 * 16000), np.float32)  # breaths, well under the endpoint silence
+    parts, total = [], 0
+    while total < 180 * 16000:
+        for r in recordings:
+            parts += [r, gap]
+            total += len(r) + len(gap)
+    monologue = np.concatenate(parts)
+    seg = Segmenter(VADOptions(max_segment_s=30.0, endpoint_silence_ms=500))
+    events = []
+    for i in range(0, len(monologue), 320):
+        events += seg.feed(monologue[i : i + 320])
+    events += seg.feed(np.zeros(16000, np.float32))
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert len(ends) >= 6  # 180 s in turns of at most 30 s
+    assert all(len(e.audio) / 16000 <= 30.0 + 0.05 for e in ends)
+    cuts = [i for i, e in enumerate(ends[:-1]) if len(e.audio) / 16000 >= 29.9]
+    assert len(cuts) >= 3  # the recordings' own silences end some turns; the limit ends the rest
+    for i in cuts:
+        # The turn after a cut starts where the cut one stopped: nothing said in between is lost.
+        stopped = ends[i].start + len(ends[i].audio) / 16000
+        assert abs(ends[i + 1].start - stopped) <= 0.05, (i, ends[i + 1].start, stopped)
