@@ -1,6 +1,7 @@
 """Access control, CORS, security headers and the signaling limits, against a real server."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -218,3 +219,24 @@ async def test_a_flood_of_data_channel_messages_is_dropped_with_one_error_and_th
             await client.wait_for(lambda c: c.bot_text())
         finally:
             await client.close()
+
+
+async def test_a_session_past_its_time_limit_is_told_closed_and_kept(tiny_whisper_path, fake_llm, loopback_ice, tmp_path):
+    import numpy as np
+
+    async with running_server(tiny_whisper_path, fake_llm, tmp_path, max_session_s=3) as server:
+        client = Client(server.url, np.zeros(1600, np.float32), user_token="t" * 43)
+        await client.connect()
+        try:
+            await client.wait_for(lambda c: c.of("bot-ready"))
+            room = server.app_state.rooms.rooms[client.room]
+            client.send("send-text", {"content": "A quick answer before time runs out."})
+            fatal = await client.wait_for(lambda c: [m for m in c.of("error") if m["data"]["fatal"]], timeout=15)
+            assert "time limit" in fatal[0]["data"]["error"]
+            await asyncio.wait_for(room.closed.wait(), 10)
+        finally:
+            await client.close()
+        async with httpx.AsyncClient(base_url=server.url, headers=bearer("t" * 43)) as http:
+            (item,) = (await http.get("/api/sessions")).json()["items"]
+            session = (await http.get(f"/api/sessions/{item['id']}")).json()
+        assert "A quick answer before time runs out." in [t["text"] for t in session["transcript"]]
