@@ -611,7 +611,7 @@ class Conversation:
         if reply.started_playing:
             self._emit(BotInterrupted(spoken_text=heard, full_text=full))
             self._emit(BotStoppedSpeaking(interrupted=True))
-        self._log.info("turn %d interrupted after %r", reply.turn, heard)
+        self._log.info("turn %d interrupted after %d words", reply.turn, len(heard.split()))  # no words in logs
 
     # ------------------------------------------------------------------ plumbing
 
