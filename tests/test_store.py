@@ -78,6 +78,23 @@ async def test_migrations_run_on_an_empty_database_and_are_idempotent(store_url)
         await second.close()
 
 
+async def test_workers_starting_at_once_migrate_an_empty_postgres_database_once(postgres_url):
+    """A fleet of agent workers starting together against one new database (the Kubernetes case)."""
+    from pg import create_database, drop_database
+
+    store_url = create_database(postgres_url)
+    stores = await asyncio.gather(*(open_store(store_url) for _ in range(6)))
+    try:
+        async with stores[0].engine.connect() as conn:
+            version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+        assert version == [head_revision()]
+        ids = await asyncio.gather(*(s.user("same-token") for s in stores))
+        assert len(set(ids)) == 1
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+        drop_database(postgres_url, store_url)
+
+
 async def test_migration_matches_the_models(store):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

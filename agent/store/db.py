@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -60,6 +60,9 @@ def _utc(dt: datetime) -> datetime:
 def _iso(dt: datetime | None) -> str | None:
     """ISO 8601 with the UTC offset, the same from SQLite and PostgreSQL."""
     return _utc(dt).isoformat() if dt is not None else None
+
+
+MIGRATION_LOCK = 0x7061726C6579  # "parley": the advisory lock key migrations hold on PostgreSQL
 
 
 def _upgrade(connection) -> None:
@@ -323,5 +326,9 @@ async def open_store(url: str | None = None) -> Store:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Several workers starting at once against one database would race through the same
+            # migrations; the lock lasts until this transaction commits, so they take turns.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         await conn.run_sync(_upgrade)
     return Store(engine)
