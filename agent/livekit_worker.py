@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -512,6 +513,22 @@ async def run_job(ctx: JobContext, *, settings: Settings | None = None, engines:
     return session
 
 
+async def _recover_sessions(settings: Settings) -> None:
+    """Mark this worker's sessions a crash left active as interrupted. The worker names itself apart
+    from a ``parley serve`` on the same host (whose restart would otherwise mark the worker's live
+    sessions); several workers on one host each need their own PARLEY_INSTANCE."""
+    if settings.instance is None:
+        settings.instance = f"{socket.gethostname()}:livekit"
+    store = await _open_store(settings)
+    if store is None:
+        return
+    try:
+        if (n := await store.mark_interrupted(settings.instance_id)):
+            log.warning("%d session(s) were cut off by this worker's previous shutdown; marked interrupted", n)
+    finally:
+        await store.close()
+
+
 async def _open_store(settings: Settings):
     from .store import open_store
 
@@ -554,6 +571,7 @@ async def serve(settings: Settings, *, devmode: bool = False, unregistered: bool
     LOAD.stt = engines.stt
     await engines.warm_up()  # Whisper before any job: the prewarms then find it loaded (errors are logged)
     await engines.aclose()
+    await _recover_sessions(settings)
     server = build_server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -630,3 +630,24 @@ def test_kubernetes_manifest_runs_n_workers_against_one_livekit_and_postgres():
     assert secret["stringData"]["PARLEY_DATABASE_URL"].startswith("postgresql://")
     assert container["securityContext"]["runAsNonRoot"] is True
     assert container["readinessProbe"]["httpGet"]["port"] == "health"
+
+
+async def test_a_worker_restart_marks_only_its_own_cut_off_sessions(lk_settings):
+    """On one host a worker and ``parley serve`` each recover only their own sessions."""
+    import socket
+
+    from agent.store import open_store
+
+    store = await open_store(lk_settings.database_url)
+    try:
+        uid = await store.user("someone")
+        host = socket.gethostname()
+        mine = await store.start_session(uid, "lk-room", "interviewer", "interviewer", {}, owner=f"{host}:livekit")
+        servers = await store.start_session(uid, "web-room", "interviewer", "interviewer", {}, owner=f"{host}:8000")
+        assert lk_settings.instance is None
+        await lw._recover_sessions(lk_settings)
+        assert lk_settings.instance_id == f"{host}:livekit"
+        assert (await store.get_session(uid, mine))["status"] == "interrupted"
+        assert (await store.get_session(uid, servers))["status"] == "active"
+    finally:
+        await store.close()
