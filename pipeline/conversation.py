@@ -76,6 +76,7 @@ class _Interim:
     text: str
     language: str | None
     t_end: float  # stream time where the transcribed audio ends
+    result: Any = None  # the STTResult, reused as the final when nothing was said after t_end
 
 
 @dataclass
@@ -269,13 +270,20 @@ class Conversation:
         reply = _Reply(0, self._turn, t_decided=now, t_speech_end=now - (self.segmenter.now - ev.t),
                        endpoint_ms=self._eot[2] if self._eot else self.vad_options.endpoint_silence_ms)
         preempt, self._preempt = self._preempt, None
-        self._interim = self._eot = None
+        interim, self._interim, self._eot = self._interim, None, None
         reuse = None
-        if self._partial is not None and self._partial[1] >= ev.t + self.options.partial_reuse_margin_s:
+        margin = self.options.partial_reuse_margin_s
+        if self._partial is not None and self._partial[1] >= ev.t + margin:
             reuse = self._partial[0]  # already decoding everything that was said: its text is the final
             self._partial = None
         else:
             self._cancel_partial()
+            if (self.options.reuse_interim_as_final and interim is not None and interim.result is not None
+                    and interim.t_end >= ev.t + margin):
+                # The decode made when the silence began heard every word, with the same model and
+                # options as a final: decoding again would add a whole decode to every turn.
+                reuse = asyncio.get_running_loop().create_future()
+                reuse.set_result(interim.result)
         self._set_state(AgentState.THINKING)
         self._spawn(self._user_turn(ev, reply, reuse, preempt), f"turn {self._turn}")
 
@@ -285,7 +293,7 @@ class Conversation:
                                                prompt=self.config.stt_prompt)
             if result is not None and result.text and self.segmenter.speaking:
                 self._emit(Transcript(result.text, final=False, language=result.language))
-                self._on_interim(_Interim(result.text.strip(), result.language, t_end))
+                self._on_interim(_Interim(result.text.strip(), result.language, t_end, result))
             return result
         except Exception as e:
             # Interim text is best effort. A broken engine is reported once, by the final decode,

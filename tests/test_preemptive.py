@@ -53,7 +53,8 @@ async def test_a_final_transcript_that_differs_cancels_the_early_reply_and_answe
     fake_llm.reply_for = answer
     fake_llm.behaviour.first_token_delay_s = 0.3  # still streaming when the final transcript differs
     stt = ScriptedSTT(partial_text=INTERIM, final_text=FINAL)
-    conv = conversation(stt, llm(fake_llm.url), event_log)
+    # An engine whose finals are decoded again (better than its partials): the words can change.
+    conv = conversation(stt, llm(fake_llm.url), event_log, reuse_interim_as_final=False)
     d = Driver(conv, event_log)
     try:
         await d.say(np.zeros(3200, np.float32))
@@ -83,7 +84,7 @@ async def test_a_matching_final_transcript_keeps_the_early_reply(fake_llm, event
     fake_llm.reply_for = answer
     # Same words, different case and punctuation: the early reply is kept.
     stt = ScriptedSTT(partial_text="i led the billing migration last year", final_text=FINAL)
-    conv = conversation(stt, llm(fake_llm.url), event_log)
+    conv = conversation(stt, llm(fake_llm.url), event_log, reuse_interim_as_final=False)
     d = Driver(conv, event_log)
     try:
         await d.say(np.zeros(3200, np.float32))
@@ -161,3 +162,26 @@ def test_prometheus_counts_the_extra_llm_requests():
     text = m.render()[0].decode()
     assert 'parley_llm_preemptive_requests_total{outcome="used"} 1.0' in text
     assert 'parley_llm_preemptive_requests_total{outcome="discarded"} 2.0' in text
+
+
+async def test_by_default_the_decode_at_the_silence_is_the_final_one(fake_llm, event_log, speech):
+    """No second decode after the turn ends: the interim made when the silence began heard it all."""
+    fake_llm.reply_for = answer
+    stt = ScriptedSTT(partial_text=FINAL, final_text="never asked for")
+    conv = conversation(stt, llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say(voiced(speech("en_birch_canoe.wav")))
+        await silence_until_preemptive(d, conv, fake_llm, 1)
+        await d.say(np.zeros(int(0.8 * 16000), np.float32))
+        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+
+        assert not [c for c in stt.calls if c[0]]  # no final decode
+        [final] = [t for t in event_log.of(F.Transcript) if t.final]
+        assert final.text == FINAL and conv.history[0] == {"role": "user", "content": FINAL}
+        assert len(fake_llm.requests) == 1 and conv.preemptive == PreemptiveStats(started=1, used=1, discarded=0)
+        assert " ".join(e.text for e in event_log.of(F.BotText) if e.spoken) == f"You told me: {FINAL}"
+    finally:
+        await conv.aclose()
+    assert not conv._tasks
