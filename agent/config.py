@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     vad_threshold: float = 0.5
     vad_endpoint_silence_ms: int = 500
     min_interruption_s: float = 0.35
+    # Semantic end of turn (pipeline/endpointing.py): the interim transcript's words choose the
+    # silence that ends a turn, short after a finished sentence and long after "and..." or "um".
+    semantic_endpointing: bool = True
+    endpoint_complete_ms: int = Field(250, ge=100)
+    endpoint_incomplete_ms: int = Field(1200, ge=100)
+    # Start the LLM on the interim transcript when the silence begins; heard only if the final agrees.
+    preemptive_generation: bool = True
 
     @model_validator(mode="after")
     def _openai_fallbacks(self) -> "Settings":

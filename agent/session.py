@@ -16,7 +16,7 @@ from personas.runtime import PersonaRuntime
 from pipeline import frames as F
 from pipeline.conversation import Conversation
 from pipeline.llm import LLM
-from pipeline.turns import TurnOptions
+from pipeline.turns import EndpointingOptions, TurnOptions
 from pipeline.vad import VADOptions
 
 from .config import Settings
@@ -36,7 +36,11 @@ def build_conversation(persona: PersonaSession, settings: Settings, engines: Eng
                                or settings.vad_endpoint_silence_ms,
                                max_segment_s=settings.max_utterance_s),
         turn_options=TurnOptions(min_interruption_s=settings.min_interruption_s,
-                                 partial_interval_s=settings.stt_partial_interval_s),
+                                 partial_interval_s=settings.stt_partial_interval_s,
+                                 endpointing=EndpointingOptions(enabled=settings.semantic_endpointing,
+                                                                complete_silence_ms=settings.endpoint_complete_ms,
+                                                                incomplete_silence_ms=settings.endpoint_incomplete_ms),
+                                 preemptive_generation=settings.preemptive_generation),
         emit=emit, name=name,
     )
 

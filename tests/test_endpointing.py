@@ -144,3 +144,20 @@ async def test_a_pause_after_and_does_not_end_the_turn(fake_llm, event_log, spee
         assert [t.pauses for t in event_log.of(F.Transcript) if t.final][0][0] >= 0.85
     finally:
         await conv.aclose()
+
+
+def test_server_settings_reach_the_conversation():
+    from agent.config import Settings
+    from agent.engines import Engines
+    from agent.session import build_conversation
+    from personas.catalog import build
+    from pipeline.tts import EspeakTTS
+
+    engines = Engines(stt=None, tts=EspeakTTS(), llm=None)
+    for on in (True, False):
+        settings = Settings(_env_file=None, semantic_endpointing=on, endpoint_complete_ms=300,
+                            preemptive_generation=on)
+        conv = build_conversation(build("teacher", {}), settings, engines, None, lambda ev: None, "r")
+        assert conv.options.endpointing.enabled is on and conv.options.preemptive_generation is on
+        assert conv.options.endpointing.complete_silence_ms == 300
+        assert conv.vad_options.endpoint_silence_ms == 1200  # the teacher persona's base silence
