@@ -32,6 +32,7 @@ from .frames import (
     OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotTurnEnded, BotStartedSpeaking, BotStoppedSpeaking, BotText,
     ErrorEvent, Event, StateChanged, Transcript, TurnMetrics, UserStartedSpeaking, UserStoppedSpeaking,
 )
+from .echo import EchoGuard
 from .llm import LLM, LLMError
 from .player import PlaybackListener, Player, Segment
 from .sentences import SentenceAggregator
@@ -120,6 +121,9 @@ class Conversation:
         self._reply_seq = 0
         self._turn = 0
         self._barge_pending = False
+        self.echo = EchoGuard(self.options.echo)
+        self._echo_segment = False  # the current "speech" is the agent's own voice leaking back
+        self._echo_checked_t = 0.0
         self._partial: tuple[asyncio.Task, float] | None = None  # (task, stream time its audio ends)
         self._last_partial_t = 0.0
         self._interim: _Interim | None = None  # the latest interim transcript of this utterance
@@ -164,7 +168,9 @@ class Conversation:
 
     def read_frame(self) -> np.ndarray:
         """The next 20 ms of reply audio (int16 mono 48 kHz); the transport calls this on its clock."""
-        return self.player.read_frame()
+        frame = self.player.read_frame()
+        self.echo.played(frame)
+        return frame
 
     def respond(self) -> bool:
         """Let the agent speak without a new user message (a hint after a long silence, say).
@@ -192,9 +198,15 @@ class Conversation:
     # ------------------------------------------------------------------ speech events
 
     def _on_speech_start(self, ev: SpeechStart) -> None:
-        self._last_partial_t = self.segmenter.now
+        self._last_partial_t = self._echo_checked_t = self.segmenter.now
         self._interim = None
         self._eot = None
+        if self._reply is not None and self.echo.is_echo(self.segmenter.segment_audio()):
+            self._echo_segment = True  # the agent hearing itself: no one started speaking
+            return
+        self._person_started()
+
+    def _person_started(self) -> None:
         self._emit(UserStartedSpeaking())
         if self._reply is not None:
             # Stop the agent's voice at once; decide later whether this was a real interruption.
@@ -205,10 +217,20 @@ class Conversation:
     def _while_speaking(self) -> None:
         o = self.options
         now = self.segmenter.now
+        if self._echo_segment:
+            if now - self._echo_checked_t < 0.1:  # a correlation every 100 ms is enough, and cheap
+                return
+            self._echo_checked_t = now
+            if self.echo.is_echo(self.segmenter.segment_audio(), undecided=True):
+                return
+            self._echo_segment = False  # a person over the echo, or after it: speech after all
+            self._person_started()
         # Measured on voiced audio only: the segment start includes the pre-roll, and the elapsed
         # time includes the endpoint silence, either of which made every "mm-hm" an interruption.
         if self._barge_pending:
-            if self.segmenter.voiced_s >= o.min_interruption_s:
+            # While the browser's echo canceller converges, leaked echo can pass for speech.
+            needed = o.min_interruption_s * (2 if self.echo.warming_up else 1)
+            if self.segmenter.voiced_s >= needed:
                 self._barge_pending = False
                 self._interrupt()
             elif self.segmenter.silence_s >= o.backchannel_resume_s:
@@ -257,6 +279,10 @@ class Conversation:
         self.segmenter.endpoint_ms = ms
 
     def _on_speech_end(self, ev: SpeechEnd) -> None:
+        if self._echo_segment:
+            self._echo_segment = False  # the agent's own voice: never a turn
+            self._cancel_partial()
+            return
         self._emit(UserStoppedSpeaking())
         if self._barge_pending:
             # Too short to be an interruption: a cough, a click, "mm-hm". Carry on speaking.

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .echo import EchoOptions
+
 
 @dataclass(frozen=True)
 class EndpointingOptions:
@@ -54,6 +56,8 @@ class TurnOptions:
     # final one. Costs an extra LLM request whenever the interim and final differ or the person
     # goes on talking (counted: ``Conversation.preemptive``, TurnMetrics.llm_discarded).
     preemptive_generation: bool = True
+    # The agent's own voice leaking into the microphone is neither a barge-in nor a turn.
+    echo: EchoOptions = field(default_factory=EchoOptions)
     llm_fallback_line: str = "Sorry, I couldn't think of an answer just now. Could you say that again?"
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from driver import Driver
 from pipeline import frames as F
+from pipeline.echo import EchoOptions
 from pipeline.turns import TurnOptions
 from pipeline.tts import EspeakTTS
 from pipeline_setup import conversation, llm, whisper
@@ -30,7 +31,9 @@ async def speaking_agent(tiny_whisper_path, fake_llm, event_log, into_reply_s: f
     """A conversation whose agent is ``into_reply_s`` into the first sentence of LONG_REPLY."""
     fake_llm.script = [LONG_REPLY]
     fake_llm.behaviour.reply = NEXT_REPLY
-    conv = conversation(whisper(tiny_whisper_path), llm(fake_llm.url), event_log)
+    # No echo-canceller warm-up: these cases measure barge-in itself, 1.2 s into the first reply
+    # (tests/test_echo.py covers the warm-up, when interruptions must last twice as long).
+    conv = conversation(whisper(tiny_whisper_path), llm(fake_llm.url), event_log, echo=EchoOptions(aec_warmup_s=0))
     d = Driver(conv, event_log)
     await d.say(np.zeros(3200, np.float32))
     conv.push_text("Tell me about the role.")
