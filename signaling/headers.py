@@ -19,6 +19,9 @@ def content_security_policy(frame_ancestors: str, livekit_url: str | None) -> st
         host = u.netloc
         secure = u.scheme in ("wss", "https")
         connect += [f"{'wss' if secure else 'ws'}://{host}", f"{'https' if secure else 'http'}://{host}"]
+        if host.endswith(".livekit.cloud"):
+            # LiveKit Cloud moves a client to another region's host when one fails.
+            connect += ["wss://*.livekit.cloud", "https://*.livekit.cloud"]
     return "; ".join([
         "default-src 'self'",
         "script-src 'self'",

@@ -208,3 +208,5 @@ async def test_ice_that_never_completes_is_dropped_and_a_reconnecting_browser_ke
         assert not problems(bystander)
     finally:
         await close_and_wait(server, bystander)
+    said = await saved_turns(server, VICTIM, "again")  # one session across both connections
+    assert "My first answer is about billing." in said and "And my second one." in said

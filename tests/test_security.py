@@ -240,3 +240,13 @@ async def test_a_session_past_its_time_limit_is_told_closed_and_kept(tiny_whispe
             (item,) = (await http.get("/api/sessions")).json()["items"]
             session = (await http.get(f"/api/sessions/{item['id']}")).json()
         assert "A quick answer before time runs out." in [t["text"] for t in session["transcript"]]
+
+
+def test_the_content_policy_lets_the_page_reach_the_configured_livekit_server():
+    from signaling.headers import content_security_policy
+
+    assert "connect-src 'self';" in content_security_policy("'self'", None) + ";"
+    own = content_security_policy("'self'", "ws://10.0.0.5:7880")
+    assert "connect-src 'self' ws://10.0.0.5:7880 http://10.0.0.5:7880;" in own
+    cloud = content_security_policy("'self'", "wss://demo-abc.livekit.cloud")
+    assert "wss://demo-abc.livekit.cloud" in cloud and "wss://*.livekit.cloud" in cloud
