@@ -354,3 +354,32 @@ async def test_report_and_history_pages_draw_their_charts_for_stored_sessions(pa
     assert trend["scores"] == [5, pytest.approx(6.67, abs=0.01), pytest.approx(8.33, abs=0.01)], trend["scores"]
     assert "improved from 5 to 8.33" in trend["statements"]
     await page.screenshot(path=str(artifacts / "history.png"), full_page=True)
+
+
+async def test_with_access_control_the_page_joins_its_room_with_the_signed_token(
+        tiny_whisper_path, fake_llm, loopback_ice, tmp_path, browser_page):
+    """An embedding application opens /?room=R#token=<signed token>: the page connects to R with
+    it, takes it out of the address bar, and the history page shows that user's session."""
+    from conftest import running_server
+    from signaling.auth import mint
+
+    secret = "browser-test-secret-0123456789abcdef"
+    fake_llm.reply_for = lambda body: "Thank you." if body.get("stream") else "{}"
+    async with running_server(tiny_whisper_path, fake_llm, tmp_path, auth_secret=secret) as server:
+        bp, page = browser_page, browser_page.page
+        token = mint(secret, "ada", "signed-room")
+        await page.goto(f"{server.url}/?room=signed-room#token={token}")
+        await bp.wait("!document.getElementById('start').disabled", "the personas to load", 10,
+                      diagnostics=PARLEY_DIAGNOSTICS)
+        assert await page.evaluate("location.hash") == ""  # the token left the address bar
+        await page.click("#start")
+        await bp.wait("document.body.dataset.botReady === 'yes'", "bot-ready", 15, diagnostics=PARLEY_DIAGNOSTICS)
+        assert server.app_state.rooms.rooms["signed-room"].owner == "jwt:ada"
+        await page.fill("#text-input", "I answered with a signed token.")
+        await page.click("#send")
+        await bp.wait("[...document.querySelectorAll('#transcript .line.agent')].some(e => e.textContent === 'Thank you.')",
+                      "the agent's reply", 15, diagnostics=PARLEY_DIAGNOSTICS)
+        await page.goto(f"{server.url}/history")
+        await bp.wait("document.body.dataset.ready === 'yes'", "the history page to render", 20)
+        rows = await page.evaluate("document.querySelectorAll('#sessions-body tr').length")
+        assert rows == 1, await page.evaluate("document.body.innerText")

@@ -33,6 +33,9 @@ function signedToken() {
   }
 }
 
+// Taken at once, before anything else can read, bookmark or share the address.
+signedToken();
+
 // The token, created on first use: 32 random bytes, base64url without padding (43 characters).
 // A signed room token, when the page was given one, stands in its place.
 export function userToken() {
