@@ -368,10 +368,11 @@ async def test_with_access_control_the_page_joins_its_room_with_the_signed_token
     async with running_server(tiny_whisper_path, fake_llm, tmp_path, auth_secret=secret) as server:
         bp, page = browser_page, browser_page.page
         token = mint(secret, "ada", "signed-room")
-        await page.goto(f"{server.url}/?room=signed-room#token={token}")
+        await page.goto(f"{server.url}/#token={token}")  # the room comes from the token
         await bp.wait("!document.getElementById('start').disabled", "the personas to load", 10,
                       diagnostics=PARLEY_DIAGNOSTICS)
         assert await page.evaluate("location.hash") == ""  # the token left the address bar
+        assert await page.evaluate("document.getElementById('room').value") == "signed-room"
         await page.click("#start")
         await bp.wait("document.body.dataset.botReady === 'yes'", "bot-ready", 15, diagnostics=PARLEY_DIAGNOSTICS)
         assert server.app_state.rooms.rooms["signed-room"].owner == "jwt:ada"

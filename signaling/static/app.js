@@ -4,7 +4,7 @@
 
 import {
   $, correctionBody, deliveryLine, feedbackCard, h, metricsSpan, num, personaById, personas, scorecardCard, setCatalog,
-  srOnly, summaryCard, text, userToken, vocabularyItem,
+  signedRoom, srOnly, summaryCard, text, userToken, vocabularyItem,
 } from "./common.js";
 import { LiveKitCall, livekitInfo } from "./livekit.js";
 
@@ -1267,7 +1267,7 @@ async function joinLiveKit(s, { room, persona, options, mic }) {
 
 function init() {
   const fromUrl = new URL(location.href).searchParams.get("room");
-  els.room.value = fromUrl?.trim() || randomRoom();
+  els.room.value = fromUrl?.trim() || signedRoom() || randomRoom();
 
   els.setupForm.addEventListener("submit", (event) => {
     event.preventDefault();

@@ -5,7 +5,7 @@
 
 import { authHeaders } from "./identity.js";
 
-export { userToken, authHeaders } from "./identity.js";
+export { userToken, authHeaders, signedRoom } from "./identity.js";
 
 // ---------------------------------------------------------------------------
 // The API

@@ -36,6 +36,20 @@ function signedToken() {
 // Taken at once, before anything else can read, bookmark or share the address.
 signedToken();
 
+// The room a signed token opens (its "room" claim), so that /#token=... alone is enough.
+// Read, not verified: the server verifies; this only fills in the form.
+export function signedRoom() {
+  const token = signedToken();
+  if (!token) return null;
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const room = JSON.parse(atob(payload + "=".repeat((4 - (payload.length % 4)) % 4))).room;
+    return typeof room === "string" ? room : null;
+  } catch {
+    return null;
+  }
+}
+
 // The token, created on first use: 32 random bytes, base64url without padding (43 characters).
 // A signed room token, when the page was given one, stands in its place.
 export function userToken() {
