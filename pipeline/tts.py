@@ -6,6 +6,7 @@ player can tell which words were actually heard when the person interrupts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -68,13 +69,22 @@ class EspeakTTS:
         if not self.binary:
             raise TTSError("espeak-ng is not installed")
         voice = voice if voice and "Neural" not in voice else ESPEAK_VOICES.get(language, language or "en")
+        # A reply cancelled (barge-in) while the process is being started must not leave it and
+        # its pipes behind: the start is shielded, then the process ended like any other.
+        starting = asyncio.ensure_future(asyncio.create_subprocess_exec(
+            self.binary, "-v", voice, "-s", str(self.rate_wpm), "--stdout", "--", text,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        ))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self.binary, "-v", voice, "-s", str(self.rate_wpm), "--stdout", "--", text,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await asyncio.shield(starting)
         except OSError as e:  # missing or not executable: a TTS failure, not a crashed reply
             raise TTSError(f"cannot run espeak-ng ({self.binary}): {e.strerror or e}") from e
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                proc = await starting
+                proc.kill()
+                await proc.wait()
+            raise
         try:
             async with asyncio.timeout(self.timeout_s):
                 out, err = await proc.communicate()
