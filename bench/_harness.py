@@ -560,6 +560,25 @@ def speech_payloads() -> tuple[list[bytes], bytes]:
     return opus_payloads(x), silence
 
 
+class MicClock:
+    """A microphone's real-time clock: ``tick`` returns the next 20 ms frame's pts once it is due
+    (the first at once), the way a sound card hands over frames."""
+
+    def __init__(self):
+        self.start: float | None = None
+        self.pts = 0
+
+    async def tick(self) -> int:
+        if self.start is None:
+            self.start = time.monotonic()
+        else:
+            self.pts += FRAME
+            due = self.start + self.pts / 48000
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())  # real-time pacing of the microphone
+        return self.pts
+
+
 class PacketMic:
     """A microphone track that sends pre-encoded Opus on the real-time audio clock: silence, and a
     recording whenever ``say`` is called."""
@@ -575,8 +594,7 @@ class PacketMic:
                 self.silence = silence
                 self.queue: list[bytes] = []
                 self.pos = 0
-                self.start: float | None = None
-                self.pts = 0
+                self.clock = MicClock()
                 self.done = asyncio.Event()
                 self.max_late = 0.0
 
@@ -591,13 +609,7 @@ class PacketMic:
 
                 if self.readyState != "live":
                     raise MediaStreamError
-                if self.start is None:
-                    self.start = time.monotonic()
-                else:
-                    self.pts += FRAME
-                    due = self.start + self.pts / 48000
-                    if due > time.monotonic():
-                        await asyncio.sleep(due - time.monotonic())  # real-time pacing of the microphone
+                pts = await self.clock.tick()
                 if self.pos < len(self.queue):
                     payload = self.queue[self.pos]
                     self.pos += 1
@@ -606,7 +618,7 @@ class PacketMic:
                 else:
                     payload = self.silence
                 packet = av.Packet(payload)
-                packet.pts, packet.time_base = self.pts, TIME_BASE
+                packet.pts, packet.time_base = pts, TIME_BASE
                 return packet
 
         return _Track(*args, **kwargs)

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, Server, patch_loopback_ice, save_result, tiny_whisper  # noqa: E402
+from _harness import ROOT, MicClock, Server, patch_loopback_ice, save_result, tiny_whisper  # noqa: E402
 
 FRAME = 960  # 20 ms at 48 kHz
 AUDIBLE = 328  # int16, -40 dBFS (bench/_harness.py Timeline uses the same)
@@ -176,8 +176,7 @@ def make_mic():
 
         def __init__(self):
             super().__init__()
-            self.start: float | None = None
-            self.pts = 0
+            self.clock = MicClock()
             self.turn: Turn | None = None
             self.pos = 0
 
@@ -187,13 +186,7 @@ def make_mic():
         async def recv(self):
             if self.readyState != "live":
                 raise MediaStreamError
-            if self.start is None:
-                self.start = time.monotonic()
-            else:
-                self.pts += FRAME
-                due = self.start + self.pts / 48000
-                if due > time.monotonic():
-                    await asyncio.sleep(due - time.monotonic())  # real-time pacing of the microphone
+            pts = await self.clock.tick()
             chunk = np.zeros(FRAME, np.int16)
             turn = self.turn
             if turn is not None:
@@ -209,7 +202,7 @@ def make_mic():
                     self.turn = None
                     turn.sent.set()
             frame = av.AudioFrame.from_ndarray(np.repeat(chunk, 2).reshape(1, -1), format="s16", layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = 48000, self.pts, fractions.Fraction(1, 48000)
+            frame.sample_rate, frame.pts, frame.time_base = 48000, pts, fractions.Fraction(1, 48000)
             return frame
 
     return Mic()

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import FRAME, ONSET, ROOT, Server, patch_loopback_ice, save_result, tone_frame  # noqa: E402
+from _harness import FRAME, ONSET, ROOT, MicClock, Server, patch_loopback_ice, save_result, tone_frame  # noqa: E402
 
 TIME_BASE = fractions.Fraction(1, 48000)
 PERIOD_S, BURST_FRAMES = 0.6, 5
@@ -90,8 +90,7 @@ def make_burst_mic():
             super().__init__()
             self.silence = np.zeros(FRAME * 2, np.int16)
             self.tone = tone_frame(FRAME, channels=2)
-            self.start: float | None = None
-            self.pts = 0
+            self.clock = MicClock()
             self.left = 0
             self.next = 0.0
             self.sent: list[float] = []
@@ -101,15 +100,10 @@ def make_burst_mic():
         async def recv(self):
             if self.readyState != "live":
                 raise MediaStreamError
-            if self.start is None:
-                self.start = time.monotonic()
-                self.next = self.start + 1.0
-            else:
-                self.pts += FRAME
-                due = self.start + self.pts / 48000
-                if due > time.monotonic():
-                    await asyncio.sleep(due - time.monotonic())  # real-time pacing of the microphone
+            pts = await self.clock.tick()
             now = time.monotonic()
+            if pts == 0:
+                self.next = now + 1.0  # the first burst a second in
             if self.left:
                 self.left -= 1
                 pcm = self.tone
@@ -118,11 +112,11 @@ def make_burst_mic():
                 self.next = now + PERIOD_S + self.rng.uniform(-0.1, 0.1)
                 pcm = self.tone
                 self.sent.append(now)  # the instant the onset frame is handed to aiortc
-                self.sent_pts.append(self.pts)
+                self.sent_pts.append(pts)
             else:
                 pcm = self.silence
             frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = 48000, self.pts, TIME_BASE
+            frame.sample_rate, frame.pts, frame.time_base = 48000, pts, TIME_BASE
             return frame
 
     return BurstMic()
