@@ -201,7 +201,7 @@ class Conversation:
         self._last_partial_t = self._echo_checked_t = self.segmenter.now
         self._interim = None
         self._eot = None
-        if self._reply is not None and self.echo.is_echo(self.segmenter.segment_audio()):
+        if (self._reply is not None or self.echo.echo_possible) and self.echo.is_echo(self.segmenter.segment_audio()):
             self._echo_segment = True  # the agent hearing itself: no one started speaking
             return
         self._person_started()

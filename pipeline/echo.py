@@ -44,6 +44,7 @@ class EchoGuard:
         self.played_s = 0.0  # voiced agent audio played so far (for the AEC warm-up)
         self._quiet = True
         self.detections = 0  # checks that found the agent's own voice
+        self._since_voiced_s = float("inf")  # since the transport last took audible agent audio
 
     def played(self, frame: np.ndarray) -> None:
         """Record the 20 ms (48 kHz int16 mono) the transport just took from the player."""
@@ -52,8 +53,10 @@ class EchoGuard:
             x = frame[: n * _DECIMATE].reshape(n, _DECIMATE).mean(axis=1, dtype=np.float32) / 32768.0
             self.played_s += n / PIPELINE_RATE
             self._quiet = False
+            self._since_voiced_s = 0.0
         else:
             x = None
+            self._since_voiced_s += n / PIPELINE_RATE
         end = self._pos + n
         size = len(self._ring)
         if end <= size:
@@ -63,6 +66,13 @@ class EchoGuard:
             self._ring[self._pos :] = 0.0 if x is None else x[:k]
             self._ring[: n - k] = 0.0 if x is None else x[k:]
         self._pos = end % size
+
+    @property
+    def echo_possible(self) -> bool:
+        """Whether the agent's voice may still be on its way back: it spoke within the longest
+        round trip (the reply may have ended, its echo not yet)."""
+        o = self.options
+        return o.enabled and self._since_voiced_s <= o.max_delay_s + o.window_s
 
     @property
     def warming_up(self) -> bool:

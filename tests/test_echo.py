@@ -27,8 +27,9 @@ def of(events, kind) -> list:
 
 
 async def agent_with_echo(tiny_whisper_path, fake_llm, event_log, speech, echo: EchoOptions,
-                          person: np.ndarray | None = None, person_after_s: float = 1.5):
-    fake_llm.script = [REPLY]
+                          person: np.ndarray | None = None, person_after_s: float = 1.5,
+                          reply: str = REPLY, delay: int = ECHO_DELAY):
+    fake_llm.script = [reply]
     fake_llm.behaviour.reply = "Understood."
     conv = conversation(whisper(tiny_whisper_path), llm(fake_llm.url), event_log, echo=echo)
     d = Driver(conv, event_log)
@@ -38,8 +39,11 @@ async def agent_with_echo(tiny_whisper_path, fake_llm, event_log, speech, echo: 
     start = d.frame
     voice = to_frames(person) if person is not None else []
     first_voice = start + int(person_after_s / 0.02)
-    while not of(event_log.events, F.BotStoppedSpeaking) and d.frame < start + 1500:
-        played = d.out[d.frame - ECHO_DELAY] if d.frame - ECHO_DELAY >= 0 else np.zeros(960, np.int16)
+    tail = None  # the echo keeps arriving for a round trip after the reply ends: run on 1 s more
+    while (tail is None or d.frame < tail) and d.frame < start + 1500:
+        if tail is None and of(event_log.events, F.BotStoppedSpeaking):
+            tail = d.frame + 50
+        played = d.out[d.frame - delay] if d.frame - delay >= 0 else np.zeros(960, np.int16)
         mic = np.repeat((played * ECHO_GAIN).astype(np.int16), 2)
         k = d.frame - first_voice
         if 0 <= k < len(voice):
@@ -57,6 +61,21 @@ async def test_the_agents_own_voice_leaking_back_is_not_an_interruption(tiny_whi
         assert not event_log.of(F.BotInterrupted) and not event_log.of(F.UserStartedSpeaking)
         assert conv.echo.detections > 0  # the VAD did hear "speech": the echo guard turned it away
         assert [m["role"] for m in conv.history] == ["user", "assistant"]  # and no turn came of it
+    finally:
+        await conv.aclose()
+
+
+async def test_an_echo_that_comes_back_after_a_short_reply_ended_is_not_a_turn(tiny_whisper_path, fake_llm,
+                                                                               event_log, speech):
+    """A round trip longer than the reply (0.9 s; the guard told to expect up to 1 s): the whole
+    echo arrives once the agent is done, when no reply is playing any more, and must not become a
+    turn the agent answers."""
+    conv, d = await agent_with_echo(tiny_whisper_path, fake_llm, event_log, speech, EchoOptions(max_delay_s=1.0),
+                                    reply="Okay.", delay=45)
+    try:
+        assert conv.echo.detections > 0
+        assert not event_log.of(F.UserStartedSpeaking)
+        assert [m["role"] for m in conv.history] == ["user", "assistant"]
     finally:
         await conv.aclose()
 
