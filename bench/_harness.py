@@ -560,6 +560,18 @@ def speech_payloads() -> tuple[list[bytes], bytes]:
     return opus_payloads(x), silence
 
 
+async def wait_for_change(changed: asyncio.Event, predicate, timeout: float) -> bool:
+    """Whether ``predicate()`` came true within ``timeout``, re-checked each time ``changed`` is set."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+        return True
+    except TimeoutError:
+        return False
+
+
 class MicClock:
     """A microphone's real-time clock: ``tick`` returns the next 20 ms frame's pts once it is due
     (the first at once), the way a sound card hands over frames."""
@@ -738,14 +750,7 @@ class RoomClient:
             pass
 
     async def _wait(self, predicate, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await wait_for_change(self._changed, predicate, timeout)
 
     def start(self, t_talk: float, t0: float, t1: float) -> None:
         self.stats.t0, self.stats.t1 = t0, t1

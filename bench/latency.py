@@ -61,7 +61,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, MicClock, Server, patch_loopback_ice, save_result, tiny_whisper  # noqa: E402
+from _harness import (ROOT, MicClock, Server, patch_loopback_ice, save_result, tiny_whisper,  # noqa: E402
+                      wait_for_change)
 
 FRAME = 960  # 20 ms at 48 kHz
 AUDIBLE = 328  # int16, -40 dBFS (bench/_harness.py Timeline uses the same)
@@ -295,14 +296,7 @@ class Client:
             pass
 
     async def wait(self, predicate, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await wait_for_change(self._changed, predicate, timeout)
 
     async def close(self) -> None:
         for t in self._tasks:
