@@ -153,6 +153,9 @@ class _Request:
     seq: int = 0
     queued_at: float = 0.0
     future: Future = field(default_factory=Future)
+    # Its caller stopped waiting after the worker took it (a running Future cannot be cancelled):
+    # the worker skips whatever of it has not started, encoder or decoder.
+    abandoned: bool = False
 
 
 class _RequestQueue:
@@ -423,8 +426,13 @@ class WhisperSTT:
                 await asyncio.wait_for(asyncio.wrap_future(space), 1.0)
             except asyncio.TimeoutError:
                 pass
-        # Cancelling the awaiting task cancels the request: skipped if the worker has not taken it.
-        return await asyncio.wrap_future(req.future)
+        # Cancelling the awaiting task cancels the request: skipped if the worker has not taken it,
+        # and cut short at its next stage if it has.
+        try:
+            return await asyncio.wrap_future(req.future)
+        except asyncio.CancelledError:
+            req.abandoned = True
+            raise
 
     def close(self) -> None:
         """Stop the worker. Queued requests fail with STTUnavailable; a batch being decoded finishes."""
@@ -528,7 +536,10 @@ class WhisperSTT:
 
         suppress = self._suppressed(model)
         for (_, max_length), members in groups.items():
+            members = [m for m in members if not batch[m[0]].abandoned]
             rows = [i for i, _ in members]
+            if not rows:
+                continue
             try:
                 t = time.perf_counter()
                 features, _ = self._features(fe, [audios[i] for i in rows], [])
@@ -536,8 +547,17 @@ class WhisperSTT:
                 if self.device == "cpu":
                     # One window per call: a batch gains nothing in the encoder on a CPU (its
                     # matrices are already 1500 rows tall) and would need buffers too large to reuse.
-                    parts = [np.asarray(ct2.encode(_storage(features[k : k + 1]))) for k in range(len(rows))]
-                    encoded = _storage(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                    # Between windows, a request its caller gave up on (a caption superseded by the
+                    # transcript of a pause) costs nothing more.
+                    parts = {}
+                    for k, i in enumerate(rows):
+                        if not batch[i].abandoned:
+                            parts[i] = np.asarray(ct2.encode(_storage(features[k : k + 1])))
+                    members = [m for m in members if m[0] in parts and not batch[m[0]].abandoned]
+                    rows = [i for i, _ in members]
+                    if not rows:
+                        continue
+                    encoded = _storage(np.concatenate([parts[i] for i in rows]) if len(rows) > 1 else parts[rows[0]])
                 else:
                     encoded = ct2.encode(_storage(features))
                 t = self.stats.add("encode", t)

@@ -9,7 +9,7 @@ Wire format, both ways: a 4-byte big-endian length, a UTF-8 JSON header of that 
 ``header["bytes"]`` bytes of payload (float32 little-endian PCM, 16 kHz mono; absent when 0).
 
     client -> worker   {"op": "transcribe", "id": 7, "final": true, "language": "en", "prompt": null, "bytes": N}
-                       {"op": "cancel", "id": 7}        the caller gave up: skip it if not yet decoding
+                       {"op": "cancel", "id": 7}        the caller gave up: skip what of it has not started
                        {"op": "warm_up", "id": 8}       load the model; answered when loaded
     worker -> client   {"id": 7, "ok": true, "result": {...STTResult...} | null}    null: a dropped partial
                        {"id": 7, "ok": false, "error": "..."}

@@ -6,6 +6,8 @@ STT is scripted so that the interim and final transcripts differ exactly when a 
 """
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from driver import Driver
@@ -181,6 +183,51 @@ async def test_by_default_the_decode_at_the_silence_is_the_final_one(fake_llm, e
         [final] = [t for t in event_log.of(F.Transcript) if t.final]
         assert final.text == FINAL and conv.history[0] == {"role": "user", "content": FINAL}
         assert len(fake_llm.requests) == 1 and conv.preemptive == PreemptiveStats(started=1, used=1, discarded=0)
+        assert " ".join(e.text for e in event_log.of(F.BotText) if e.spoken) == f"You told me: {FINAL}"
+    finally:
+        await conv.aclose()
+    assert not conv._tasks
+
+
+class _SlowCaptionSTT(ScriptedSTT):
+    """The first interim decode (a caption, taken while the person talks) never finishes by
+    itself: as on a busy CPU, where a caption can still be decoding when the person stops."""
+
+    def __init__(self, text: str):
+        super().__init__(partial_text=text, final_text=text)
+        self.caption_started = asyncio.Event()
+        self.caption_cancelled = False
+
+    async def transcribe(self, audio, *, final, language=None, prompt=None):
+        if not final and not self.caption_started.is_set():
+            self.caption_started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.caption_cancelled = True
+                raise
+        return await super().transcribe(audio, final=final, language=language, prompt=prompt)
+
+
+async def test_the_pause_does_not_wait_for_a_caption_still_decoding(fake_llm, event_log, speech):
+    """A caption decode of audio that stops before the pause is superseded: it is cancelled and
+    the pause's own decode starts at once (waiting for it cost ~100 ms a turn on a CPU)."""
+    fake_llm.reply_for = answer
+    stt = _SlowCaptionSTT(FINAL)
+    conv = conversation(stt, llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say(voiced(speech("en_birch_canoe.wav")))
+        assert stt.caption_started.is_set(), "no caption was decoded while the person talked"
+        assert not stt.caption_cancelled
+        await silence_until_preemptive(d, conv, fake_llm, 1)
+        assert stt.caption_cancelled
+        await d.say(np.zeros(int(0.8 * 16000), np.float32))
+        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+
+        assert [c[0] for c in stt.calls] == [False]  # the pause's decode only; no final decode
+        assert conv.preemptive == PreemptiveStats(started=1, used=1, discarded=0)
         assert " ".join(e.text for e in event_log.of(F.BotText) if e.spoken) == f"You told me: {FINAL}"
     finally:
         await conv.aclose()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -402,3 +404,64 @@ async def test_shared_whisper_replaces_a_closed_engine(tiny_whisper_path):
     a.close()
     b = shared_whisper(options)
     assert b is not a and not b.closed and shared_whisper(options) is b
+
+
+class _Watched:
+    """The engine's CTranslate2 model, seen through: counts encoder windows and decoded prompts,
+    and runs ``on_first_encode`` in the worker thread before the first window is encoded."""
+
+    def __init__(self, ct2, on_first_encode):
+        self._ct2, self._hook = ct2, on_first_encode
+        self.windows = 0
+        self.prompts = 0
+
+    def __getattr__(self, name):
+        return getattr(self._ct2, name)
+
+    def encode(self, features, *args, **kw):
+        if self.windows == 0 and self._hook is not None:
+            self._hook()
+        self.windows += features.shape[0]
+        return self._ct2.encode(features, *args, **kw)
+
+    def generate(self, encoded, prompts, *args, **kw):
+        self.prompts += len(prompts)
+        return self._ct2.generate(encoded, prompts, *args, **kw)
+
+
+async def test_a_request_given_up_after_the_worker_took_it_is_neither_encoded_nor_decoded(tiny_whisper_path, speech):
+    """A caption superseded mid-batch (the person paused) costs no more encoder or decoder time."""
+    options = WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=12, batch_size=3,
+                             partial_deadline_s=60)
+    one = WhisperSTT(options)
+    stt = WhisperSTT(dataclasses.replace(options, batch_wait_ms=60_000))  # the three in one batch
+    audio = [voiced(speech(n)) for n in ("en_birch_canoe.wav", "en_goforward.wav", "en_harvard_spk1_snt1.wav")]
+    try:
+        alone = [await one.transcribe(a, final=True, language="en") for a in audio[1:]]
+        loop = asyncio.get_running_loop()
+        gave_up = threading.Event()
+        tasks: list[asyncio.Task] = []
+
+        # Partials are batched newest first, so the first request is the last to be encoded.
+        def give_up_on_the_first():  # in the worker thread: the batch is taken, nothing encoded yet
+            loop.call_soon_threadsafe(tasks[0].cancel)
+            assert gave_up.wait(10)
+
+        model = stt.load()
+        watched = model.model = _Watched(model.model, give_up_on_the_first)
+        tasks.extend(asyncio.create_task(stt.transcribe(a, final=False, language="en")) for a in audio)
+        tasks[0].add_done_callback(lambda _: gave_up.set())
+        first, second = await asyncio.wait_for(asyncio.gather(*tasks[1:]), 30)
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        assert (first.text, second.text) == (alone[0].text, alone[1].text)
+        assert (watched.windows, watched.prompts) == (2, 2)  # one batch of three, one skipped
+        assert stt.queue_depth == 0
+    finally:
+        stt.close()
+        one.close()
+
+
+def voiced(audio: np.ndarray) -> np.ndarray:
+    start, end = voiced_bounds(audio)
+    return audio[int(start * 16000): int(end * 16000)]
