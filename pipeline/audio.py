@@ -48,6 +48,39 @@ class StreamResampler:
         return self._stream.resample_chunk(mono.astype(np.float32, copy=False), last=last)
 
 
+class LeadingSilenceTrimmer:
+    """Drops a sound's leading silence from a stream of int16 chunks, keeping a short lead-in so
+    the onset is not clipped. TTS engines start each sentence with silence (espeak-ng ~12 ms, MP3
+    streams more); before a reply's first sentence it is only delay before the person hears it."""
+
+    def __init__(self, rate: int, *, threshold_dbfs: float = -50.0, lead_ms: float = 5.0):
+        self.threshold = int(32767 * 10 ** (threshold_dbfs / 20))
+        self.lead = int(rate * lead_ms / 1000)
+        self.done = False
+        self.dropped = 0  # samples removed so far
+        self._held = np.zeros(0, np.int16)  # the quiet samples that may become the lead-in
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        if self.done:
+            return pcm
+        x = np.concatenate([self._held, pcm]) if len(self._held) else pcm
+        loud = np.flatnonzero(np.abs(x.astype(np.int32)) > self.threshold)
+        if not len(loud):
+            self._held = x[max(0, len(x) - self.lead):]
+            self.dropped += len(x) - len(self._held)
+            return x[:0]
+        start = max(0, int(loud[0]) - self.lead)
+        self.dropped += start
+        self.done, self._held = True, x[:0]
+        return x[start:]
+
+    def flush(self) -> np.ndarray:
+        """What is held back when the sound never rose above the threshold."""
+        held, self._held = self._held, self._held[:0]
+        self.done = True
+        return held
+
+
 class InputConverter:
     """Any transport frame -> 16 kHz mono float32 for VAD and STT."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import InputConverter, StreamResampler, float_to_int16
+from .audio import InputConverter, LeadingSilenceTrimmer, StreamResampler, float_to_int16
 from .endpointing import Verdict, classify, endpoint_ms, same_words
 from .frames import (
     OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotTurnEnded, BotStartedSpeaking, BotStoppedSpeaking, BotText,
@@ -38,7 +38,7 @@ from .player import PlaybackListener, Player, Segment
 from .sentences import SentenceAggregator
 from .stt import STT
 from .tasks import TaskSet
-from .tts import TTS, TTSError
+from .tts import TTS, TTSError, Word
 from .turns import ConversationConfig, TurnOptions
 from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
 
@@ -539,12 +539,20 @@ class Conversation:
         resampler = StreamResampler(OUTPUT_RATE)
         seg = Segment(reply.id, sentence)
         t0 = time.monotonic()
+        # The reply's first sound starts without the engine's leading silence; later sentences
+        # keep theirs, the pause between sentences.
+        trim = LeadingSilenceTrimmer(OUTPUT_RATE) if reply.t_tts_start is None else None
         if reply.t_tts_start is None:
             reply.t_tts_start = t0
         pushed = False
 
         def add(pcm: np.ndarray, words) -> None:
             nonlocal pushed
+            if trim is not None:
+                pcm = trim.process(pcm)
+                if trim.dropped:
+                    shift = trim.dropped / OUTPUT_RATE
+                    words = [Word(w.text, max(0.0, w.start - shift)) for w in words]
             seg.append(pcm, words)
             if len(seg.pcm) and not pushed:
                 # Queued at its first audio so playback starts while the rest is synthesized.
@@ -560,6 +568,8 @@ class Conversation:
                     rate = chunk.sample_rate
                     add(float_to_int16(resampler.process(chunk.pcm, rate)), chunk.words)
                 add(float_to_int16(resampler.process(np.zeros(0, np.float32), rate, last=True)), ())
+                if trim is not None and not trim.done:
+                    add(trim.flush(), ())  # a silent sentence is still a sentence
         except (TTSError, TimeoutError) as e:
             self._log.warning("turn %d: tts failed: %s", reply.turn, e)
             self._reply_emit(reply, ErrorEvent("tts", f"speech synthesis failed: {e}"))

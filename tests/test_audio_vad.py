@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.audio import InputConverter, to_mono
+from pipeline.audio import InputConverter, LeadingSilenceTrimmer, to_mono
 from pipeline.frames import AudioFrame
 from pipeline.vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
 
@@ -118,3 +118,21 @@ def test_a_three_minute_monologue_is_cut_into_bounded_turns_and_keeps_every_seco
         # The turn after a cut starts where the cut one stopped: nothing said in between is lost.
         stopped = ends[i].start + len(ends[i].audio) / 16000
         assert abs(ends[i + 1].start - stopped) <= 0.05, (i, ends[i + 1].start, stopped)
+
+
+def test_leading_silence_is_trimmed_across_chunks_with_a_short_lead_in():
+    rate = 48000
+    tone = (8000 * np.cos(np.arange(960) / 5)).astype(np.int16)
+    sound = np.concatenate([np.zeros(600, np.int16), np.full(100, 20, np.int16), tone, np.zeros(300, np.int16)])
+    trim = LeadingSilenceTrimmer(rate, lead_ms=5)
+    out = np.concatenate([trim.process(sound[i:i + 160]) for i in range(0, len(sound), 160)])
+    # 700 quiet samples (the last 100 below -50 dBFS too) minus the 240-sample lead-in
+    assert trim.done and trim.dropped == 700 - 240
+    assert np.array_equal(out, sound[700 - 240:])
+    assert np.array_equal(trim.process(tone[:10]), tone[:10])  # after the onset nothing is touched
+
+
+def test_a_sound_that_never_rises_keeps_only_its_lead_in():
+    trim = LeadingSilenceTrimmer(48000, lead_ms=5)
+    assert len(trim.process(np.zeros(1000, np.int16))) == 0
+    assert len(trim.flush()) == 240 and trim.done

@@ -43,3 +43,19 @@ async def test_full_turn_yields_reply_audio_and_history_reaches_next_turn(tiny_w
 
 def ev_of(events, kind):
     return [e for e in events if isinstance(e, kind)]
+
+
+async def test_the_reply_starts_without_the_tts_engines_leading_silence(fake_llm, event_log):
+    """espeak-ng opens "Good." with 13 ms of silence: the first sentence is heard within the 5 ms
+    lead-in kept before its onset."""
+    fake_llm.script = ["Good. Tell me more."]
+    conv = conversation(None, llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        conv.push_text("I finished the project early.")
+        await d.run_until(lambda ev: any(isinstance(e, F.BotStoppedSpeaking) for e in ev))
+        start = event_log.frame_of(event_log.of(F.BotStartedSpeaking)[0]) * 960
+        audible = np.flatnonzero(np.abs(d.audio().astype(np.int32)) > 104)
+        assert 0 <= audible[0] - start <= 240 + 48
+    finally:
+        await conv.aclose()
