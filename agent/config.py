@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     stt_worker: str | None = None
     stt_batch_size: int | None = None  # requests per decode; None: 8 on a CPU, 16 on a GPU
     stt_batch_wait_ms: float = 10.0
+    # Reserve the STT engine's peak memory at start (one full batch of 30 s windows decoded once):
+    # steady RSS for container memory limits, at the cost of holding it from the first minute.
+    stt_warm_peak: bool = False
 
     # LLM: any OpenAI-compatible server. With neither a key nor a base URL, Parley runs its
     # offline personas (question bank and heuristic feedback) so the page works out of the box.

@@ -83,7 +83,10 @@ def serve(args: argparse.Namespace) -> None:
     patch_loopback_ice()
     tmp = Path(args.workdir)
     settings = Settings(host="127.0.0.1", port=args.port, stt_model=args.stt or str(tiny_whisper()), stt_device="cpu",
-                        stt_max_new_tokens=12, llm_base_url=args.llm, llm_api_key="soak", llm_model="soak",
+                        # The engine's peak memory is reserved at start: growth after the warm-up
+                        # is then a leak, not the first full batch reaching the allocator's high mark.
+                        stt_max_new_tokens=12, stt_warm_peak=True,
+                        llm_base_url=args.llm, llm_api_key="soak", llm_model="soak",
                         tts="espeak", room_grace_s=args.grace_s, max_rooms=1000,
                         database_url=f"sqlite+aiosqlite:///{tmp}/parley.db", audio_dir=str(tmp / "audio"),
                         log_level="warning", _env_file=None)

@@ -92,6 +92,11 @@ class WhisperOptions:
     # Back-pressure: with this many requests queued, a partial is refused at once (None) and a
     # final takes the place of the oldest queued partial, or waits for room.
     max_queue: int = 256
+    # At warm-up, decode one batch of the largest shape (batch_size windows of 30 s) once: the
+    # process then holds its peak working memory from the start (the native buffers grow with the
+    # batch and the audio, +150 MB for the toy test model at 8 x 30 s) instead of reaching it at
+    # the first busy moment, which makes its memory predictable (container limits, leak checks).
+    warm_peak: bool = False
 
 
 def resolve_device(device: str) -> str:
@@ -364,6 +369,7 @@ class WhisperSTT:
         self._tokenizers: dict[str | None, object] = {}
         self._suppress: list[int] | None = None
         self._torch_mel = None  # None: not tried yet; False: unavailable
+        self._peaked = False
 
     # ------------------------------------------------------------------ public API
 
@@ -394,6 +400,17 @@ class WhisperSTT:
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(self.load)
+        if self.options.warm_peak and not self._peaked:
+            self._peaked = True
+            await asyncio.to_thread(self._decode_peak)
+
+    def _decode_peak(self) -> None:
+        rng = np.random.default_rng(0)
+        noise = (rng.standard_normal(int(MAX_AUDIO_S * PIPELINE_RATE)) * 0.05).astype(np.float32)
+        t0 = time.perf_counter()
+        self._decode_batch([_Request(noise, True, "en", None, None) for _ in range(self.batch_size)], t0)
+        log.info("whisper peak batch (%d x %.0fs) decoded in %.1fs", self.batch_size, MAX_AUDIO_S,
+                 time.perf_counter() - t0)
 
     @property
     def queue_depth(self) -> int:

@@ -465,3 +465,17 @@ async def test_a_request_given_up_after_the_worker_took_it_is_neither_encoded_no
 def voiced(audio: np.ndarray) -> np.ndarray:
     start, end = voiced_bounds(audio)
     return audio[int(start * 16000): int(end * 16000)]
+
+
+async def test_warm_peak_decodes_one_full_batch_of_whole_windows_once(tiny_whisper_path):
+    stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=4, batch_size=3,
+                                    warm_peak=True))
+    try:
+        model = await asyncio.to_thread(stt.load)
+        watched = model.model = _Watched(model.model, None)
+        await stt.warm_up()
+        assert (watched.windows, watched.prompts) == (3, 3)
+        await stt.warm_up()  # a second warm-up (another agent of an STT worker) does not repeat it
+        assert (watched.windows, watched.prompts) == (3, 3)
+    finally:
+        stt.close()
