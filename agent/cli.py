@@ -57,13 +57,30 @@ def serve(args: argparse.Namespace) -> None:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    if args.workers is not None:
+        settings.workers = args.workers
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("parley")
+    if args.uds:
+        # A worker of a front (agent/workers.py): on a private Unix socket, trusting the front's
+        # X-Forwarded-For so per-address limits see the browser's address.
+        from .workers import die_with_parent
+
+        die_with_parent()
+        uvicorn.run(create_app(settings), uds=args.uds, proxy_headers=True, forwarded_allow_ips="*",
+                    log_level=settings.log_level, log_config=None)
+        return
     mode = "offline personas (no LLM configured)" if settings.offline_llm else f"LLM {settings.llm_model}"
-    log.info("Parley on http://%s:%d  (%s, STT %s, TTS %s)", settings.host, settings.port, mode,
-             settings.stt_model, settings.tts)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None)
+    workers = f", {settings.workers} worker processes" if settings.workers > 1 else ""
+    log.info("Parley on http://%s:%d  (%s, STT %s, TTS %s%s)", settings.host, settings.port, mode,
+             settings.stt_model, settings.tts, workers)
+    if settings.workers > 1:
+        from signaling.front import create_front
+
+        app = create_front(settings, settings.workers)
+    else:
+        app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
 
 
 def livekit(args: argparse.Namespace) -> None:
@@ -88,8 +105,11 @@ def stt_worker(args: argparse.Namespace) -> None:
     from .config import get_settings
     from .engines import whisper_options
 
+    from .workers import die_with_parent
+
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
+    die_with_parent()  # started by a front (parley serve --workers): it leaves with it
     asyncio.run(serve(args.socket, whisper_options(settings)))
 
 
@@ -124,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="run the web server and the agent")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="agent processes behind this address (default: PARLEY_WORKERS, 1); "
+                   "each holds its rooms on its own event loop and core, all share one STT worker")
+    p.add_argument("--uds", help=argparse.SUPPRESS)  # a worker of a front: listen on this Unix socket
     p.set_defaults(func=serve)
     p = sub.add_parser("livekit", help="run a LiveKit Agents worker: the agent joins LiveKit rooms it is dispatched to")
     p.add_argument("--dev", action="store_true", help="livekit-agents development mode (its health check on a random port, not 8081)")

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # Agent processes behind host:port (`parley serve --workers N`, agent/workers.py): one event loop
+    # holds ~20 rooms, so a host with more cores serves more rooms with more workers (about one per
+    # core, the STT worker counted). 1: everything in this one process.
+    workers: int = Field(1, ge=1, le=64)
     log_level: str = "info"
     log_format: str = Field("text", pattern="^(text|json)$")  # json: one object per line, room as a field
 

@@ -279,7 +279,7 @@ class RoomManager:
         if fresh:
             self.peers[peer.pc_id] = (peer, room)
             await room.attach(peer)
-        return {"sdp": answer.sdp, "type": answer.type, "pc_id": peer.pc_id}
+        return {"sdp": answer.sdp, "type": answer.type, "pc_id": peer.pc_id, "room": room.id}
 
     async def _create_room(self, room_id: str | None, persona: str | None, options: dict[str, Any],
                            user_token: str | None) -> Room:

@@ -53,6 +53,7 @@ class OfferAnswer(BaseModel):
     sdp: str
     type: str
     pc_id: str
+    room: str  # the room joined (chosen by the server when the offer named none)
 
 
 class CandidatesRequest(BaseModel):
