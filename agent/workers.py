@@ -129,16 +129,19 @@ class Child:
 class WorkerPool:
     """The children of a front: an STT worker (unless one is configured) and N agent workers."""
 
-    def __init__(self, settings, n: int, *, stt_worker: bool, on_worker_exit: Callable[[int], None]):
+    def __init__(self, settings, n: int, *, stt_worker: bool, on_worker_exit: Callable[[int], None],
+                 worker_argv: Callable[[int, str], list[str]] | None = None):
+        """``worker_argv(i, socket_path)``: the command of worker ``i`` (default: ``parley serve --uds``)."""
         self.settings, self.n = settings, n
         self.run_dir = Path(tempfile.mkdtemp(prefix="parley-"))  # 0700: only this user reaches the sockets
         self.stt: Child | None = None
         self.workers: list[Child] = []
         env = {**os.environ, "PARLEY_PARENT_PID": str(os.getpid())}
         cli = [sys.executable, "-m", "agent.cli"]
+        worker_argv = worker_argv or (lambda i, path: [*cli, "serve", "--uds", path])
         if stt_worker:
             path = str(self.run_dir / "stt.sock")
-            self.stt = Child("stt-worker", [*cli, "stt-worker", "--socket", path], path, env)
+            self.stt = Child("stt-worker", [*cli, "stt-worker", "--socket", path], path, {**env, **_stt_env(settings)})
             env = {**env, "PARLEY_STT_WORKER": path}
         host = socket.gethostname()
         for i in range(n):
@@ -146,7 +149,7 @@ class WorkerPool:
             # Its own instance name: a restarted worker marks only its own cut-off sessions.
             wenv = {**env, "PARLEY_INSTANCE": f"{settings.instance or f'{host}:{settings.port}'}/{i}",
                     "PARLEY_MAX_ROOMS": str(max(1, -(-settings.max_rooms // n)))}
-            self.workers.append(Child(f"worker {i}", [*cli, "serve", "--uds", path], path, wenv,
+            self.workers.append(Child(f"worker {i}", worker_argv(i, path), path, wenv,
                                       on_exit=lambda i=i: on_worker_exit(i)))
 
     @property
@@ -172,6 +175,17 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             self.run_dir.rmdir()
 
+
+
+def _stt_env(settings) -> dict[str, str]:
+    """The front's speech-recognition settings for its STT worker, however the front got them."""
+    out = {}
+    for name in ("stt_model", "stt_device", "stt_compute_type", "stt_max_new_tokens", "stt_batch_size",
+                 "stt_batch_wait_ms", "stt_warm_peak"):
+        value = getattr(settings, name)
+        if value is not None:
+            out[f"PARLEY_{name.upper()}"] = str(value)
+    return out
 
 
 def die_with_parent() -> None:

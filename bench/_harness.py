@@ -383,10 +383,53 @@ def tone_frame(samples: int, channels: int, amplitude: float = 0.5, hz: float = 
     return np.repeat(x, channels) if channels > 1 else x
 
 
+def serve_front(args: argparse.Namespace) -> None:
+    """``serve --workers N``: the product's front, its workers this harness's instrumented servers
+    (the same arguments, on the front's Unix sockets); /bench/rooms and /bench/threads answer for all."""
+    import uvicorn
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from agent.config import Settings
+    from signaling.front import create_front
+
+    tmp = Path(args.workdir)
+    settings = Settings(host="127.0.0.1", port=args.port, max_rooms=1000, log_level="warning",
+                        database_url=f"sqlite+aiosqlite:///{tmp}/parley.db", _env_file=None)
+    rest, skip = [], False
+    for a in sys.argv[2:]:  # this command's own arguments, less the front's
+        if skip:
+            skip = False
+        elif a in ("--workers", "--port"):
+            skip = True
+        elif not a.startswith(("--workers=", "--port=")):
+            rest.append(a)
+    argv = lambda i, path: [sys.executable, str(Path(__file__).resolve()), "serve", "--port", "0", *rest,  # noqa: E731
+                            "--uds", path]
+    app = create_front(settings, args.workers, worker_argv=argv, stt_worker=False)
+
+    async def merged(request):
+        out = {}
+        for r in await request.app.state.front.each(request.url.path):
+            if r is not None and r.status_code == 200:
+                out.update(r.json())
+        if request.url.path == "/bench/threads":
+            import threading
+
+            out.update({str(t.native_id): t.name for t in threading.enumerate()})
+        return JSONResponse(out)
+
+    app.router.routes[:0] = [Route("/bench/rooms", merged), Route("/bench/threads", merged)]
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
 def serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
+
+    if args.workers > 1:
+        return serve_front(args)
 
     from agent.config import Settings
     from agent.engines import build_engines
@@ -462,6 +505,12 @@ def serve(args: argparse.Namespace) -> None:
         probe = Probe(app, args.probe)
         probe.install()
         app.add_api_route("/bench/probe", probe.report, methods=["GET"])
+    if args.uds:
+        from agent.workers import die_with_parent
+
+        die_with_parent()
+        uvicorn.run(app, uds=args.uds, proxy_headers=True, forwarded_allow_ips="*", log_level="warning")
+        return
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -507,10 +556,12 @@ class Server:
                     raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log_tail()}")
                 try:
                     health = (await http.get(f"{self.url}/healthz")).json()
-                    if health["stt"] == "ready":
+                    # A front (--workers) answers for its workers: ready when every one is.
+                    stts = [w.get("stt", "down") for w in health["workers"]] if "workers" in health else [health["stt"]]
+                    if all(x == "ready" for x in stts):
                         return self
-                    if health["stt"].startswith("error"):
-                        raise RuntimeError(f"the server's STT failed: {health['stt']}")
+                    if any(x.startswith("error") for x in stts):
+                        raise RuntimeError(f"the server's STT failed: {stts}")
                 except (httpx.TransportError, ValueError):
                     pass
                 if time.monotonic() > deadline:
@@ -864,6 +915,9 @@ def main() -> None:
     s.add_argument("--workdir", required=True)
     s.add_argument("--probe", metavar="ROOM", help="install bench/transport.py's probe for this room")
     s.add_argument("--aiortc-defaults", action="store_true")
+    s.add_argument("--workers", type=int, default=1,
+                   help="N: a front (signaling/front.py) and N instrumented workers, as parley serve --workers")
+    s.add_argument("--uds", help=argparse.SUPPRESS)  # a worker of such a front
     s.add_argument("--stt-max-new-tokens", type=int, default=12, help="0: the model's own limit")
     s.add_argument("--setting", action="append", default=[], metavar="FIELD=VALUE", help="a Settings field")
     s.add_argument("--timeline", action="store_true", help="bench/latency.py's server-side clock readings")

@@ -94,6 +94,24 @@ def cpu_seconds(proc) -> float:
     return t.user + t.system
 
 
+def tree(proc) -> list:
+    """The server: one process, or a front (--workers) and its workers."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [proc]
+
+
+def tree_cpu_seconds(proc) -> float:
+    total = 0.0
+    for p in tree(proc):
+        try:
+            total += cpu_seconds(p)
+        except psutil.NoSuchProcess:
+            pass  # a worker being restarted
+    return total
+
+
 def machine_busy_seconds() -> float:
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
@@ -107,39 +125,46 @@ def histogram(text: str, name: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         if family.name == name:
             for s in family.samples:
-                if s.name.endswith("_bucket"):
-                    out[s.labels["le"]] = s.value
+                if s.name.endswith("_bucket"):  # summed over workers (a front labels them)
+                    out[s.labels["le"]] = out.get(s.labels["le"], 0.0) + s.value
                 elif s.name.endswith("_count"):
-                    out["count"] = s.value
+                    out["count"] = out.get("count", 0.0) + s.value
     return out
 
 
 async def snapshot(http, server: Server, sproc, rooms: list[str], workers: list) -> dict:
     """Everything a step diffs, taken as close together as possible."""
     t = time.monotonic()
-    cpu = cpu_seconds(sproc)
-    threads = {th.id: th.user_time + th.system_time for th in sproc.threads()}
+    cpu = tree_cpu_seconds(sproc)
+    threads, pids = {}, set()
+    for p in tree(sproc):
+        try:
+            threads.update({th.id: th.user_time + th.system_time for th in p.threads()})
+            pids.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
     busy = machine_busy_seconds()
     clients_cpu = sum(cpu_seconds(w) for w in workers)
     own_cpu = cpu_seconds(psutil.Process())
     infos = (await http.get(f"{server.url}/bench/rooms")).json()
     metrics = await http.get(f"{server.url}/metrics")
     names = await http.get(f"{server.url}/bench/threads")
-    return {"t": t, "cpu": cpu, "threads": threads, "names": {int(k): v for k, v in names.json().items()},
+    return {"t": t, "cpu": cpu, "threads": threads, "pids": pids, "names": {int(k): v for k, v in names.json().items()},
             "busy": busy, "clients_cpu": clients_cpu, "own_cpu": own_cpu,
             "hist": histogram(metrics.text, "parley_pipeline_added_seconds"),
             "rooms": {r: infos[r] for r in rooms if r in infos}}
 
 
-def split_cpu(a: dict, b: dict, pid: int) -> dict[str, float]:
-    """Server CPU seconds by kind of thread: the event loop (transport, VAD, pipeline, persona,
-    signaling: what holds the GIL), the STT engine (Python threads named whisper*, and the native
-    threads no Python code started: CTranslate2's workers), and the rest (SQLite, thread pools)."""
+def split_cpu(a: dict, b: dict) -> dict[str, float]:
+    """Server CPU seconds by kind of thread: the event loops (transport, VAD, pipeline, persona,
+    signaling: what holds the GIL; with --workers, each process's main thread, the front's included),
+    the STT engine (Python threads named whisper*, and the native threads no Python code started:
+    CTranslate2's workers), and the rest (SQLite, thread pools)."""
     out = {"loop": 0.0, "stt": 0.0, "other": 0.0}
     for tid, cpu in b["threads"].items():
         used = cpu - a["threads"].get(tid, 0.0)
         name = b["names"].get(tid)
-        kind = ("loop" if tid == pid else "stt" if name is None or name.startswith("whisper") else "other")
+        kind = ("loop" if tid in b["pids"] else "stt" if name is None or name.startswith("whisper") else "other")
         out[kind] += used
     return out
 
@@ -175,7 +200,7 @@ async def run_step(http, server: Server, sproc, n: int, seconds: float, warmup: 
     drained = await wait_drained(http, server)
 
     wall = b["t"] - a["t"]
-    split = split_cpu(a, b, sproc.pid)
+    split = split_cpu(a, b)
     server_cpu = b["cpu"] - a["cpu"]
     others = (b["busy"] - a["busy"]) - server_cpu - (b["clients_cpu"] - a["clients_cpu"]) - (b["own_cpu"] - a["own_cpu"])
     per_room, pipeline = [], []
@@ -253,10 +278,10 @@ async def quiet(sproc, max_wait_s: float, log) -> float:
     ``max_wait_s`` for it to drop under OTHERS_LIMIT_PCT: this machine may be shared."""
     deadline = time.monotonic() + max_wait_s
     while True:
-        b0, c0, o0, t0 = machine_busy_seconds(), cpu_seconds(sproc), cpu_seconds(psutil.Process()), time.monotonic()
+        b0, c0, o0, t0 = machine_busy_seconds(), tree_cpu_seconds(sproc), cpu_seconds(psutil.Process()), time.monotonic()
         await asyncio.sleep(2.0)  # sampling the machine's load over a fixed interval
         wall = time.monotonic() - t0
-        others = ((machine_busy_seconds() - b0) - (cpu_seconds(sproc) - c0)
+        others = ((machine_busy_seconds() - b0) - (tree_cpu_seconds(sproc) - c0)
                   - (cpu_seconds(psutil.Process()) - o0)) / wall * 100
         if others <= OTHERS_LIMIT_PCT or time.monotonic() >= deadline:
             return round(max(others, 0.0), 1)
@@ -266,21 +291,22 @@ async def quiet(sproc, max_wait_s: float, log) -> float:
 
 async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, tts: str = "tone",
               seed: int = 0, keep_going: bool = False, log=print, stt: str = "tiny",
-              budget_s: float = 420.0, aiortc_defaults: bool = False) -> dict:
+              budget_s: float = 420.0, aiortc_defaults: bool = False, workers: int = 1) -> dict:
     import httpx
 
     from fake_llm import FakeLLM
 
     llm = await FakeLLM().start()
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
-        server = Server(llm.url, Path(tmp), tts=tts, stt=stt, aiortc_defaults=aiortc_defaults)
+        server = Server(llm.url, Path(tmp), tts=tts, stt=stt, aiortc_defaults=aiortc_defaults,
+                        extra=["--workers", str(workers)] if workers > 1 else [])
         try:
             await server.start()
             sproc = psutil.Process(server.proc.pid)
             async with httpx.AsyncClient(timeout=30) as http:
-                c0, t0 = cpu_seconds(sproc), time.monotonic()
+                c0, t0 = tree_cpu_seconds(sproc), time.monotonic()
                 await asyncio.sleep(2.0)  # the idle server's own CPU, measured over a fixed interval
-                idle = (cpu_seconds(sproc) - c0) / (time.monotonic() - t0) * 100
+                idle = (tree_cpu_seconds(sproc) - c0) / (time.monotonic() - t0) * 100
                 runs = []
                 started = time.monotonic()
                 for i, n in enumerate(steps):
@@ -316,10 +342,11 @@ async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, 
     best = max(passing, default=0)
     at_best = next((r for r in runs if r["rooms"] == best), None)
     return {
-        "benchmark": "concurrent WebRTC rooms in one server process (aiortc clients on loopback, "
-                     f"real speech, stand-in LLM and {tts} TTS, "
+        "benchmark": ("concurrent WebRTC rooms in one server process" if workers == 1 else
+                      f"concurrent WebRTC rooms in one server (a front and {workers} worker processes)")
+                     + f" (aiortc clients on loopback, real speech, stand-in LLM and {tts} TTS, "
                      f"{'tiny Whisper' if stt == 'tiny' else 'instant stand-in'} STT)",
-        "stt": stt, "aiortc_defaults": aiortc_defaults, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
+        "stt": stt, "aiortc_defaults": aiortc_defaults, "workers": workers, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "criteria": CRITERIA,
         "seconds": seconds, "warmup_s": warmup, "tts": tts,
@@ -378,6 +405,8 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="run every step even after one fails")
     ap.add_argument("--aiortc-defaults", action="store_true",
                     help="the server with aiortc's own audio paths (agent/peer.py FAST_PATHS off), to compare")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="N: the server as parley serve --workers N (a front and N agent processes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="2 rooms for a few seconds: checks the machinery")
     ap.add_argument("--out", type=Path)
@@ -385,12 +414,12 @@ def main() -> None:
     if args.smoke:
         args.rooms, args.seconds, args.warmup = [2], 4.0, 3.0
     name = ("rooms" + ("" if args.stt == "tiny" else f"-{args.stt}-stt") + ("-aiortc" if args.aiortc_defaults else "")
-            + ("-smoke" if args.smoke else ""))
+            + (f"-{args.workers}-workers" if args.workers > 1 else "") + ("-smoke" if args.smoke else ""))
     out = args.out or ROOT / "bench" / "results" / f"{name}.json"
     print(HEAD + "\n" + "-" * len(HEAD), flush=True)
     result = asyncio.run(run(args.rooms, args.seconds, args.warmup, args.per_worker, args.tts, args.seed,
                              args.keep_going, log=lambda s: print(s, flush=True), stt=args.stt,
-                             aiortc_defaults=args.aiortc_defaults))
+                             aiortc_defaults=args.aiortc_defaults, workers=args.workers))
     result["smoke"] = args.smoke
     print()
     print(table(result))

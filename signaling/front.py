@@ -171,7 +171,8 @@ class Front:
         out.raw_headers.append((b"content-length", str(len(content)).encode()))
         return out
 
-    async def _each(self, path: str) -> list[httpx.Response | None]:
+    async def each(self, path: str) -> list[httpx.Response | None]:
+        """GET ``path`` from every worker at once (None where one did not answer)."""
         async def one(client: httpx.AsyncClient) -> httpx.Response | None:
             try:
                 return await client.get(path, timeout=5.0)
@@ -183,7 +184,7 @@ class Front:
     async def healthz(self, request: Request) -> Response:
         workers = []
         pids = self.pids()
-        for i, r in enumerate(await self._each("/healthz")):
+        for i, r in enumerate(await self.each("/healthz")):
             pid = {"pid": pids[i]} if i < len(pids) else {}
             if r is not None and r.status_code == 200:
                 workers.append({"worker": i, **pid, **r.json()})
@@ -197,13 +198,13 @@ class Front:
     async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        texts = {i: r.text for i, r in enumerate(await self._each("/metrics")) if r is not None and r.status_code == 200}
+        texts = {i: r.text for i, r in enumerate(await self.each("/metrics")) if r is not None and r.status_code == 200}
         return Response(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
 
     async def poll_load(self) -> None:
         """Keep the rooms-per-worker figures true (rooms end without telling the front)."""
         while True:
-            for i, r in enumerate(await self._each("/healthz")):
+            for i, r in enumerate(await self.each("/healthz")):
                 if r is not None and r.status_code == 200:
                     self.load[i] = int(r.json().get("rooms", 0))
             await asyncio.sleep(LOAD_POLL_S)
@@ -244,8 +245,9 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def create_front(settings, n_workers: int) -> Starlette:
-    """The front app; its lifespan starts the worker processes and stops them."""
+def create_front(settings, n_workers: int, *, worker_argv=None, stt_worker: bool | None = None) -> Starlette:
+    """The front app; its lifespan starts the worker processes and stops them. ``worker_argv`` and
+    ``stt_worker``: see ``WorkerPool`` (the benchmarks run their own instrumented workers)."""
     from agent.workers import WorkerPool
 
     state: dict[str, Any] = {}
@@ -254,11 +256,14 @@ def create_front(settings, n_workers: int) -> Starlette:
     async def lifespan(app: Starlette):
         await _migrate_once(settings)
         front: Front | None = None
-        pool = WorkerPool(settings, n_workers, stt_worker=_wants_stt_worker(settings),
-                          on_worker_exit=lambda i: front.worker_gone(i) if front is not None else None)
+        pool = WorkerPool(settings, n_workers,
+                          stt_worker=_wants_stt_worker(settings) if stt_worker is None else stt_worker,
+                          on_worker_exit=lambda i: front.worker_gone(i) if front is not None else None,
+                          worker_argv=worker_argv)
         await pool.start()
-        front = state["front"] = Front(pool.sockets, max_body_bytes=settings.max_body_bytes,
-                                       pids=lambda: [w.proc.pid if w.proc else None for w in pool.workers])
+        front = state["front"] = app.state.front = Front(
+            pool.sockets, max_body_bytes=settings.max_body_bytes,
+            pids=lambda: [w.proc.pid if w.proc else None for w in pool.workers])
         poller = asyncio.create_task(front.poll_load(), name="worker load")
         log.info("front ready: %d agent workers%s", n_workers, ", one shared STT worker" if pool.stt else "")
         try:

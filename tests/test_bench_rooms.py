@@ -37,6 +37,17 @@ def test_rooms_smoke_measures_rooms_talking_to_a_real_server(tmp_path, tiny_whis
     assert r["max_rooms"] in (0, 2)
 
 
+def test_rooms_smoke_through_a_front_and_two_worker_processes(tmp_path):
+    r = run_bench("rooms", tmp_path / "rooms.json", "--stt", "instant", "--workers", "2")
+    assert r["workers"] == 2 and "2 worker processes" in r["benchmark"]
+    (step,) = r["runs"]
+    assert step["rooms"] == 2 and step["rooms_lost"] == 0 and step["rooms_drained"]
+    # Rooms placed on the least loaded worker talked, and the per-room counters of both workers came back.
+    assert step["turns"] >= 1 and step["frames_sent"] > 2 * 50 * 3 and step["received_frames"] > 2 * 50 * 3
+    # The server's CPU is the front's and its workers' together (their main threads are the loops).
+    assert 0 < step["server_cpu_pct"] and step["server_cpu_split_pct"]["loop"] > 0
+
+
 def test_transport_smoke_times_bursts_both_ways(tmp_path, tiny_whisper_path):
     r = run_bench("transport", tmp_path / "transport.json")
     (run,) = r["runs"]
