@@ -59,6 +59,9 @@ class _Routes:
             while len(self._map) > self.limit:
                 self._map.popitem(last=False)
 
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(key, str) and key in self._map
+
     def forget_worker(self, worker: int) -> None:
         for key in [k for k, w in self._map.items() if w == worker]:
             del self._map[key]
@@ -106,9 +109,16 @@ class Front:
             if w is not None:
                 return w
             extra = data.get("requestData") if isinstance(data.get("requestData"), dict) else {}
-            room = extra.get("room") or extra.get("room_id") or request.query_params.get("room")
+            room = (extra.get("room") or extra.get("room_id") or request.query_params.get("room")
+                    or _token_room(request, extra.get("user_token")))
             w = self.rooms.get(room)
-            return w if w is not None else self._least_loaded()
+            if w is None:
+                w = self._least_loaded()
+                # Placed now, not when the answer comes: a second offer for the same room while the
+                # first is being answered must not open a namesake room in another worker.
+                self.rooms.put(room, w)
+                self.load[w] += 1  # until the next poll says how many rooms it really holds
+            return w
         m = _ROOM_PATH.match(path)
         if m:
             w = self.rooms.get(m.group(1))
@@ -123,8 +133,8 @@ class Front:
         except ValueError:
             return
         if isinstance(answer, dict):
-            if self.rooms.get(answer.get("room")) is None:
-                self.load[worker] += 1
+            if answer.get("room") not in self.rooms:
+                self.load[worker] += 1  # a room the worker named itself (the offer named none)
             self.rooms.put(answer.get("room"), worker)
             self.peers.put(answer.get("pc_id"), worker)
 
@@ -211,6 +221,21 @@ class Front:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self.clients))
+
+
+def _token_room(request: Request, body_token: Any) -> str | None:
+    """The room a signed room token names, for routing only: the worker verifies the token."""
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else body_token
+    if not isinstance(token, str) or token.count(".") != 2:
+        return None
+    try:
+        import jwt
+
+        room = jwt.decode(token, options={"verify_signature": False}).get("room")
+    except Exception:  # noqa: BLE001 - not a token we can read: the worker will say so
+        return None
+    return room if isinstance(room, str) else None
 
 
 def merge_metrics(texts: dict[int, str]) -> str:

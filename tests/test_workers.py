@@ -107,12 +107,18 @@ async def test_two_worker_processes_serve_rooms_behind_one_address(tiny_whisper_
         pids = [w["pid"] for w in health["workers"]]
         assert len(set(pids)) == 2 and front.proc.pid not in pids
 
+        # Two browsers opening one room at the same moment reach the same worker: one room exists.
+        c1, c2 = (Client(front.url, speech("en_goforward.wav"), room="room-c") for _ in range(2))
+        await asyncio.gather(c1.connect(), c2.connect(), return_exceptions=True)
+        assert sorted(w["rooms"] for w in (await front.health())["workers"]) == [0, 1]
+
         a = Client(front.url, speech("en_birch_canoe.wav"), room="room-a")
         b = Client(front.url, speech("en_goforward.wav"), room="room-b")
         try:
-            await asyncio.gather(a.connect(), b.connect())
-            # Placed on the least loaded worker: one room each.
-            assert sorted(w["rooms"] for w in (await front.health())["workers"]) == [1, 1]
+            await a.connect()
+            await b.connect()
+            # Placed on the least loaded worker: room-a beside nothing, room-b on either.
+            assert sorted(w["rooms"] for w in (await front.health())["workers"]) == [1, 2]
             # A whole turn through the front: media straight to the worker, signaling routed.
             for c in (a, b):
                 await c.wait_for(lambda c: any(m["data"]["final"] for m in c.of("user-transcription")), 60)
@@ -132,7 +138,7 @@ async def test_two_worker_processes_serve_rooms_behind_one_address(tiny_whisper_
                 assert (await http.post("/api/offer", content=b"x" * (65 * 1024))).status_code == 413
                 assert (await http.get("/")).status_code == 200  # pages come through too
         finally:
-            await asyncio.gather(a.close(), b.close())
+            await asyncio.gather(a.close(), b.close(), c1.close(), c2.close())
 
         # A worker that dies is started again; the other one never stopped serving.
         line_no = len(front.lines)
