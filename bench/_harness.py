@@ -100,7 +100,8 @@ class InstantSTT:
     async def warm_up(self) -> None:
         pass
 
-    async def transcribe(self, audio, *, final: bool, language: str | None = None, prompt: str | None = None):
+    async def transcribe(self, audio, *, final: bool, language: str | None = None, prompt: str | None = None,
+                         urgent: bool = False):
         from pipeline.stt import STTResult
 
         return STTResult("I led the migration of our billing service to a new database.", language, 0.0, 0.0,
@@ -358,10 +359,11 @@ class ReferenceTextSTT:
         self.text, self.speech_s = said["text"], max(float(said["speech_s"]), 0.1)
         return {"ok": True}
 
-    async def transcribe(self, audio, *, final: bool, language: str | None = None, prompt: str | None = None):
+    async def transcribe(self, audio, *, final: bool, language: str | None = None, prompt: str | None = None,
+                         urgent: bool = False):
         import dataclasses
 
-        result = await self.engine.transcribe(audio, final=final, language=language, prompt=prompt)
+        result = await self.engine.transcribe(audio, final=final, language=language, prompt=prompt, urgent=urgent)
         if result is None or not self.text:
             return result
         words = self.text.split()

@@ -69,7 +69,7 @@ class InstantSTT:
     """A fixed transcript, at once (pipeline.stt.STT)."""
 
     async def transcribe(self, audio: np.ndarray, *, final: bool, language: str | None = None,
-                         prompt: str | None = None) -> STTResult:
+                         prompt: str | None = None, urgent: bool = False) -> STTResult:
         return STTResult(TRANSCRIPT, language, 0.0, 0.0, len(audio) / 16000, 0.0)
 
 

@@ -253,11 +253,14 @@ class Conversation:
                 # a CPU, measured) between the pause and the turn's decision.
                 self._cancel_partial()
             if self._partial is None and (due or (quiet and wanted)):
-                if quiet:
+                pause = quiet and wanted
+                if pause:
                     self._quiet_for = last_voiced
                 self._last_partial_t = now
                 audio = self.segmenter.segment_audio()
-                task = self._spawn(self._partial_transcript(audio, now), "partial")
+                # The pause's decode decides the turn (and is kept as its final): a shared engine
+                # serves it ahead of every room's captions and never drops it as stale.
+                task = self._spawn(self._partial_transcript(audio, now, urgent=pause), "partial")
                 self._partial = (task, now)
         self._update_endpoint()
 
@@ -318,10 +321,10 @@ class Conversation:
         self._set_state(AgentState.THINKING)
         self._spawn(self._user_turn(ev, reply, reuse, preempt), f"turn {self._turn}")
 
-    async def _partial_transcript(self, audio: np.ndarray, t_end: float):
+    async def _partial_transcript(self, audio: np.ndarray, t_end: float, urgent: bool = False):
         try:
             result = await self.stt.transcribe(audio, final=False, language=self.config.language,
-                                               prompt=self.config.stt_prompt)
+                                               prompt=self.config.stt_prompt, urgent=urgent)
             if result is not None and result.text and self.segmenter.speaking:
                 self._emit(Transcript(result.text, final=False, language=result.language))
                 self._on_interim(_Interim(result.text.strip(), result.language, t_end, result))

@@ -55,9 +55,14 @@ class STTResult:
 
 class STT(Protocol):
     async def transcribe(
-        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None
+        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None,
+        urgent: bool = False,
     ) -> STTResult | None:
-        """Transcribe 16 kHz mono float32. Returns None for a partial dropped as stale."""
+        """Transcribe 16 kHz mono float32. Returns None for a partial dropped as stale.
+
+        ``urgent``: a partial that a decision waits on (the transcript of a pause, which ends the turn
+        or not and is kept as its final): served with the finals, ahead of every room's captions,
+        and never dropped as stale. Engines without a queue may ignore it."""
 
 
 class STTUnavailable(RuntimeError):
@@ -422,7 +427,8 @@ class WhisperSTT:
         return list(self.stats.recent)
 
     async def transcribe(
-        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None
+        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None,
+        urgent: bool = False,
     ) -> STTResult | None:
         o = self.options
         duration = len(audio) / PIPELINE_RATE
@@ -430,8 +436,9 @@ class WhisperSTT:
             return STTResult("", language, 1.0, 0.0, duration, 0.0)
         if self._closed:
             raise STTUnavailable("speech recognition engine is closed")
-        deadline = None if final else time.monotonic() + o.partial_deadline_s
-        req = _Request(np.asarray(audio, dtype=np.float32), final, language, prompt or None, deadline)
+        deadline = None if final or urgent else time.monotonic() + o.partial_deadline_s
+        # An urgent partial is queued as a final: first served, never stale, waits for room.
+        req = _Request(np.asarray(audio, dtype=np.float32), final or urgent, language, prompt or None, deadline)
         self._ensure_workers()
         while True:
             queued, space = self._queue.offer(req)

@@ -8,7 +8,8 @@ their requests are batched together.
 Wire format, both ways: a 4-byte big-endian length, a UTF-8 JSON header of that length, then
 ``header["bytes"]`` bytes of payload (float32 little-endian PCM, 16 kHz mono; absent when 0).
 
-    client -> worker   {"op": "transcribe", "id": 7, "final": true, "language": "en", "prompt": null, "bytes": N}
+    client -> worker   {"op": "transcribe", "id": 7, "final": true, "language": "en", "prompt": null,
+                        "urgent": false, "bytes": N}
                        {"op": "cancel", "id": 7}        the caller gave up: skip what of it has not started
                        {"op": "warm_up", "id": 8}       load the model; answered when loaded
     worker -> client   {"id": 7, "ok": true, "result": {...STTResult...} | null}    null: a dropped partial
@@ -111,7 +112,8 @@ class STTWorker:
                 else:
                     audio = np.frombuffer(payload, dtype="<f4")
                     result = await self.engine.transcribe(audio, final=bool(header.get("final")),
-                                                          language=header.get("language"), prompt=header.get("prompt"))
+                                                          language=header.get("language"), prompt=header.get("prompt"),
+                                                          urgent=bool(header.get("urgent")))
                     message = {"id": rid, "ok": True,
                                "result": None if result is None else {k: getattr(result, k) for k in _RESULT_FIELDS}}
             except asyncio.CancelledError:
@@ -298,18 +300,19 @@ class RemoteSTT:
             raise RuntimeError(reply.get("error") or "STT worker failed to load its model")
 
     async def transcribe(
-        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None
+        self, audio: np.ndarray, *, final: bool, language: str | None = None, prompt: str | None = None,
+        urgent: bool = False,
     ) -> STTResult | None:
         duration = len(audio) / PIPELINE_RATE
         if duration < self.min_audio_s or rms_dbfs(audio) < self.silence_dbfs:
             return STTResult("", language, 1.0, 0.0, duration, 0.0)  # as the engine would, without the trip
         pcm = np.ascontiguousarray(audio, dtype="<f4").tobytes()
-        header = {"op": "transcribe", "final": final, "language": language, "prompt": prompt}
+        header = {"op": "transcribe", "final": final, "language": language, "prompt": prompt, "urgent": urgent}
         t0 = time.monotonic()
         try:
-            reply = await self._call(header, pcm, self.timeout_s if final else self.partial_timeout_s)
+            reply = await self._call(header, pcm, self.timeout_s if final or urgent else self.partial_timeout_s)
         except asyncio.TimeoutError:
-            if not final:
+            if not (final or urgent):
                 return None
             raise TimeoutError(f"STT worker at {self.socket_path} gave no transcript in "
                                f"{time.monotonic() - t0:.0f} s") from None

@@ -19,10 +19,12 @@ class ScriptedSTT:
     partial_text: str
     final_text: str
     calls: list[tuple[bool, float, str]] = field(default_factory=list)  # (final, seconds of audio, text)
+    urgent: list[bool] = field(default_factory=list)  # each call's urgency
 
     async def transcribe(self, audio: np.ndarray, *, final: bool, language: str | None = None,
-                         prompt: str | None = None) -> STTResult:
+                         prompt: str | None = None, urgent: bool = False) -> STTResult:
         seconds = len(audio) / PIPELINE_RATE
         text = self.final_text if final else self.partial_text
         self.calls.append((final, seconds, text))
+        self.urgent.append(urgent)
         return STTResult(text, language or "en", 0.0, 0.0, seconds, 0.0)

@@ -198,15 +198,16 @@ class _SlowCaptionSTT(ScriptedSTT):
         self.caption_started = asyncio.Event()
         self.caption_cancelled = False
 
-    async def transcribe(self, audio, *, final, language=None, prompt=None):
+    async def transcribe(self, audio, *, final, language=None, prompt=None, urgent=False):
         if not final and not self.caption_started.is_set():
+            assert not urgent  # a caption: behind every pause's decode in a shared engine
             self.caption_started.set()
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
                 self.caption_cancelled = True
                 raise
-        return await super().transcribe(audio, final=final, language=language, prompt=prompt)
+        return await super().transcribe(audio, final=final, language=language, prompt=prompt, urgent=urgent)
 
 
 async def test_the_pause_does_not_wait_for_a_caption_still_decoding(fake_llm, event_log, speech):
@@ -227,6 +228,7 @@ async def test_the_pause_does_not_wait_for_a_caption_still_decoding(fake_llm, ev
         await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
 
         assert [c[0] for c in stt.calls] == [False]  # the pause's decode only; no final decode
+        assert stt.urgent == [True]  # which a shared engine serves ahead of other rooms' captions
         assert conv.preemptive == PreemptiveStats(started=1, used=1, discarded=0)
         assert " ".join(e.text for e in event_log.of(F.BotText) if e.spoken) == f"You told me: {FINAL}"
     finally:

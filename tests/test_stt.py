@@ -349,6 +349,37 @@ async def test_stale_partial_is_dropped_by_a_busy_engine(tiny_whisper_path, spee
         stt.close()
 
 
+@pytest.mark.parametrize("deadline_s, served", [(60.0, ["final", "pause", "caption"]),
+                                                 (0.0, ["caption:dropped", "final", "pause"])])
+async def test_an_urgent_partial_goes_ahead_of_captions_and_is_never_stale(tiny_whisper_path, speech,
+                                                                          deadline_s, served):
+    """The transcript of a pause (urgent) is served before a caption queued earlier, and waits
+    behind a busy engine like a final where a caption past its deadline is dropped."""
+    stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=12,
+                                    partial_deadline_s=deadline_s, batch_size=1))
+    try:
+        audio = speech("en_goforward.wav")
+        await stt.warm_up()
+        order: list[str] = []
+
+        async def run(name: str, **kw) -> None:
+            result = await stt.transcribe(audio, language="en", **kw)
+            order.append(name if result is not None else f"{name}:dropped")
+
+        busy = asyncio.create_task(run("final", final=True))
+        await asyncio.sleep(0)  # one iteration: the final is queued first and holds the decode slot
+        caption = asyncio.create_task(run("caption", final=False))
+        await asyncio.sleep(0)
+        pause = asyncio.create_task(run("pause", final=False, urgent=True))
+        await asyncio.wait_for(asyncio.gather(busy, caption, pause), 30)
+        # (When the dropped caption hears so, before or after the final ends, is the worker's timing.)
+        assert sorted(order) == sorted(served) and order.index("final") < order.index("pause")
+        if "caption" in order:
+            assert order.index("pause") < order.index("caption")
+    finally:
+        stt.close()
+
+
 async def test_a_request_cancelled_while_decoding_does_not_let_a_partial_overtake_a_final(tiny_whisper_path, speech):
     # Long decodes (200 tokens of garbage), so the abandoned one is surely still running.
     stt = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=200))
