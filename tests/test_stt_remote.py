@@ -161,3 +161,25 @@ def test_worker_start_removes_only_a_dead_socket(socket_dir):
         live.close()
     _remove_stale_socket(str(path))  # bound by nobody now: a dead worker's leftover
     assert not path.exists()
+
+
+async def test_urgency_travels_to_the_worker_engine(tiny_whisper_path, speech, socket_dir):
+    """A pause's transcript asked for through the socket is urgent in the worker's engine too: with
+    every partial stale at once, the urgent one is still decoded, the plain one dropped."""
+    from pipeline.stt import WhisperOptions, WhisperSTT
+    from pipeline.stt_remote import STTWorker
+
+    engine = WhisperSTT(WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=12,
+                                       partial_deadline_s=0.0))
+    worker = STTWorker(engine, str(socket_dir / "stt.sock"))
+    await worker.start()
+    client = RemoteSTT(str(socket_dir / "stt.sock"))
+    try:
+        await client.warm_up()
+        audio = speech("en_goforward.wav")
+        assert await client.transcribe(audio, final=False, language="en") is None
+        assert (await client.transcribe(audio, final=False, language="en", urgent=True)).text
+    finally:
+        await client.aclose()
+        await worker.close()
+        engine.close()
