@@ -114,10 +114,11 @@ class Front:
             w = self.rooms.get(room)
             if w is None:
                 w = self._least_loaded()
-                # Placed now, not when the answer comes: a second offer for the same room while the
-                # first is being answered must not open a namesake room in another worker.
-                self.rooms.put(room, w)
-                self.load[w] += 1  # until the next poll says how many rooms it really holds
+                if isinstance(room, str) and room:
+                    # Placed now, not when the answer comes: a second offer for the same room while
+                    # the first is being answered must not open a namesake room in another worker.
+                    self.rooms.put(room, w)
+                    self.load[w] += 1  # until the next poll says how many rooms it really holds
             return w
         m = _ROOM_PATH.match(path)
         if m:
