@@ -61,14 +61,10 @@ def serve(args: argparse.Namespace) -> None:
         settings.workers = args.workers
     setup_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("parley")
-    if args.uds:
-        # A worker of a front (agent/workers.py): on a private Unix socket, trusting the front's
-        # X-Forwarded-For so per-address limits see the browser's address.
-        from .workers import die_with_parent
+    if args.uds:  # a worker of a front (agent/workers.py)
+        from .workers import serve_worker
 
-        die_with_parent()
-        uvicorn.run(create_app(settings), uds=args.uds, proxy_headers=True, forwarded_allow_ips="*",
-                    log_level=settings.log_level, log_config=None)
+        serve_worker(create_app(settings), args.uds, log_level=settings.log_level, log_config=None)
         return
     mode = "offline personas (no LLM configured)" if settings.offline_llm else f"LLM {settings.llm_model}"
     workers = f", {settings.workers} worker processes" if settings.workers > 1 else ""

@@ -177,6 +177,16 @@ class WorkerPool:
 
 
 
+def serve_worker(app, socket_path: str, **uvicorn_options) -> None:
+    """Run ``app`` as a worker of a front: on its private Unix socket, trusting the front's
+    X-Forwarded-For (only the front can reach the socket) so per-address limits see the browser,
+    and stopping when the front is gone."""
+    import uvicorn
+
+    die_with_parent()
+    uvicorn.run(app, uds=socket_path, proxy_headers=True, forwarded_allow_ips="*", **uvicorn_options)
+
+
 def _stt_env(settings) -> dict[str, str]:
     """The front's speech-recognition settings for its STT worker, however the front got them."""
     out = {}

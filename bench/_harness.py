@@ -508,10 +508,9 @@ def serve(args: argparse.Namespace) -> None:
         probe.install()
         app.add_api_route("/bench/probe", probe.report, methods=["GET"])
     if args.uds:
-        from agent.workers import die_with_parent
+        from agent.workers import serve_worker
 
-        die_with_parent()
-        uvicorn.run(app, uds=args.uds, proxy_headers=True, forwarded_allow_ips="*", log_level="warning")
+        serve_worker(app, args.uds, log_level="warning")
         return
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
