@@ -59,9 +59,15 @@ class Child:
         self._stopping = False
         self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        """Start it and wait until it listens (raises if it exits or never does)."""
-        await self._spawn()
+    async def start(self, required: bool = True) -> None:
+        """Start it and wait until it listens. If it exits or never does: raise, or (not
+        ``required``) log it and keep starting it again in the background."""
+        try:
+            await self._spawn()
+        except RuntimeError as e:
+            if required:
+                raise
+            log.error("%s; the others start without it, and it is started again until it runs", e)
         self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.name}")
 
     async def _spawn(self) -> None:
@@ -159,7 +165,9 @@ class WorkerPool:
     async def start(self) -> None:
         try:
             if self.stt is not None:
-                await self.stt.start()
+                # As in one process: a model that cannot load (no network for its first download,
+                # a wrong path) leaves the conversations working without speech recognition.
+                await self.stt.start(required=False)
             await asyncio.gather(*(w.start() for w in self.workers))
         except BaseException:
             await self.stop()

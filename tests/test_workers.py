@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from webrtc_client import Client
@@ -75,7 +76,7 @@ async def gone(pid: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def front_process(tiny_whisper_path, fake_llm, tmp_path):
+async def front_process(tiny_whisper_path, fake_llm, tmp_path, **env_overrides):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -83,7 +84,7 @@ async def front_process(tiny_whisper_path, fake_llm, tmp_path):
            "PARLEY_STT_MAX_NEW_TOKENS": "12", "PARLEY_LLM_BASE_URL": fake_llm.url, "PARLEY_LLM_API_KEY": "test",
            "PARLEY_LLM_MODEL": "test-model", "PARLEY_TTS": "espeak", "PARLEY_ROOM_GRACE_S": "1",
            "PARLEY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/parley.db",
-           "PARLEY_AUDIO_DIR": str(tmp_path / "audio"), "PARLEY_LOG_LEVEL": "info"}
+           "PARLEY_AUDIO_DIR": str(tmp_path / "audio"), "PARLEY_LOG_LEVEL": "info", **env_overrides}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent.cli", "serve", "--workers", "2",
                                                 "--port", str(port), cwd=ROOT, env=env,
                                                 stderr=asyncio.subprocess.PIPE)
@@ -182,3 +183,21 @@ async def test_the_front_stops_its_workers_and_they_save_their_sessions(tiny_whi
                                              (session_id,))]
     assert status in ("completed", "interrupted")  # closed by its worker, not left active
     assert "user" in speakers and "agent" in speakers
+
+
+async def test_a_model_that_cannot_load_leaves_the_workers_serving_typed_conversations(fake_llm, tmp_path):
+    """As one process does: no speech recognition, but the page works and the STT worker is retried."""
+    fake_llm.reply_for = lambda req: "You typed it."
+    missing = tmp_path / "no-such-model"
+    async with front_process(missing, fake_llm, tmp_path) as front:
+        await front.wait_log("stt-worker exited")
+        health = await front.health()
+        assert health["status"] == "ok" and [w["status"] for w in health["workers"]] == ["ok", "ok"]
+        c = Client(front.url, np.zeros(16000, np.float32), room="typed")
+        try:
+            await c.connect()
+            await c.wait_for(lambda c: c.of("bot-ready"), 30)
+            c.send("send-text", {"content": "hello there", "options": {}})
+            await c.wait_for(lambda c: "You typed it." in c.bot_text(), 30)
+        finally:
+            await c.close()
