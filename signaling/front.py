@@ -69,8 +69,9 @@ class _Routes:
 
 class Front:
     def __init__(self, sockets: list[str], *, max_body_bytes: int, timeout_s: float = 30.0,
-                 pids: Callable[[], list[int | None]] = lambda: []):
-        self.pids = pids
+                 pids: Callable[[], list[int | None]] = lambda: [],
+                 restarts: Callable[[], dict[str, int]] = lambda: {}):
+        self.pids, self.restarts = pids, restarts
         self.clients = [httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), base_url="http://worker",
                                           timeout=timeout_s) for path in sockets]
         self.max_body_bytes = max_body_bytes
@@ -210,7 +211,11 @@ class Front:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         texts = {i: r.text for i, r in enumerate(await self.each("/metrics")) if r is not None and r.status_code == 200}
-        return Response(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
+        restarts = "".join(f'parley_process_restarts_total{{process="{_escape(name)}"}} {n}.0\n'
+                           for name, n in self.restarts().items())
+        own = ("# HELP parley_process_restarts_total Times the front started a child process again after it exited\n"
+               "# TYPE parley_process_restarts_total counter\n" + restarts) if restarts else ""
+        return Response(merge_metrics(texts) + own, media_type=CONTENT_TYPE_LATEST)
 
     async def poll_load(self) -> None:
         """Keep the rooms-per-worker figures true (rooms end without telling the front)."""
@@ -253,6 +258,8 @@ def merge_metrics(texts: dict[int, str]) -> str:
                 lines.append(f"{s.name}{{{inner}}} {_number(s.value)}")
     out = []
     for name, (kind, doc, lines) in families.items():
+        if kind == "counter":
+            name += "_total"  # as prometheus_client writes a counter: its samples carry the suffix
         out.append(f"# HELP {name} {doc.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(lines)
@@ -289,7 +296,8 @@ def create_front(settings, n_workers: int, *, worker_argv=None, stt_worker: bool
         await pool.start()
         front = state["front"] = app.state.front = Front(
             pool.sockets, max_body_bytes=settings.max_body_bytes,
-            pids=lambda: [w.proc.pid if w.proc else None for w in pool.workers])
+            pids=lambda: [w.proc.pid if w.proc else None for w in pool.workers],
+            restarts=lambda: {c.name: c.restarts for c in ([pool.stt] if pool.stt else []) + pool.workers})
         poller = asyncio.create_task(front.poll_load(), name="worker load")
         log.info("front ready: %d agent workers%s", n_workers, ", one shared STT worker" if pool.stt else "")
         try:

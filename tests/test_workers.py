@@ -149,6 +149,10 @@ async def test_two_worker_processes_serve_rooms_behind_one_address(tiny_whisper_
         health = await front.health()
         assert health["status"] == "ok" and health["workers"][0]["pid"] != victim
         assert health["workers"][1]["pid"] == pids[1]
+        async with httpx.AsyncClient(base_url=front.url, timeout=10) as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'parley_process_restarts_total{process="worker 0"} 1.0' in metrics
+        assert 'parley_process_restarts_total{process="worker 1"} 0.0' in metrics
 
         # Killed outright, the front leaves no process behind.
         children = [w["pid"] for w in health["workers"]]
@@ -201,3 +205,24 @@ async def test_a_model_that_cannot_load_leaves_the_workers_serving_typed_convers
             await c.wait_for(lambda c: "You typed it." in c.bot_text(), 30)
         finally:
             await c.close()
+
+
+def test_merged_metrics_keep_each_family_once_with_its_type_and_a_worker_label():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from signaling.front import merge_metrics
+
+    texts = {}
+    for worker in (0, 1):
+        registry = CollectorRegistry()
+        Counter("parley_errors", "Errors", ["stage"], registry=registry).labels("stt").inc(worker + 1)
+        Gauge("parley_active_rooms", "Rooms", registry=registry).set(3 + worker)
+        texts[worker] = generate_latest(registry).decode()
+    merged = merge_metrics(texts)
+    assert merged.count("# TYPE parley_errors_total counter") == 1
+    assert merged.count("# TYPE parley_active_rooms gauge") == 1
+    samples = {(s.name, s.labels.get("worker")): s.value
+               for f in text_string_to_metric_families(merged) for s in f.samples}
+    assert samples[("parley_errors_total", "0")] == 1 and samples[("parley_errors_total", "1")] == 2
+    assert samples[("parley_active_rooms", "0")] == 3 and samples[("parley_active_rooms", "1")] == 4
