@@ -46,6 +46,18 @@ async def silence_until_preemptive(d: Driver, conv, fake_llm, n: int) -> int:
     return frame
 
 
+async def say_the_answer(d: Driver, speech) -> None:
+    """A moment of silence, then the person's answer (the recording's voiced part)."""
+    await d.say(np.zeros(3200, np.float32))
+    await d.say(voiced(speech("en_birch_canoe.wav")))
+
+
+async def silence_until_the_reply_ends(d: Driver) -> None:
+    """The person stays quiet past the endpoint and hears the agent's whole reply."""
+    await d.say(np.zeros(int(0.8 * 16000), np.float32))
+    await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+
+
 def answer(body) -> str:
     return f"You told me: {last_user(body)}"
 
@@ -59,11 +71,9 @@ async def test_a_final_transcript_that_differs_cancels_the_early_reply_and_answe
     conv = conversation(stt, llm(fake_llm.url), event_log, reuse_interim_as_final=False)
     d = Driver(conv, event_log)
     try:
-        await d.say(np.zeros(3200, np.float32))
-        await d.say(voiced(speech("en_birch_canoe.wav")))
+        await say_the_answer(d, speech)
         await silence_until_preemptive(d, conv, fake_llm, 1)
-        await d.say(np.zeros(int(0.8 * 16000), np.float32))
-        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+        await silence_until_the_reply_ends(d)
 
         assert [last_user(r) for r in fake_llm.requests] == [INTERIM, FINAL]
         await fake_llm.wait_cancelled(1)
@@ -89,11 +99,9 @@ async def test_a_matching_final_transcript_keeps_the_early_reply(fake_llm, event
     conv = conversation(stt, llm(fake_llm.url), event_log, reuse_interim_as_final=False)
     d = Driver(conv, event_log)
     try:
-        await d.say(np.zeros(3200, np.float32))
-        await d.say(voiced(speech("en_birch_canoe.wav")))
+        await say_the_answer(d, speech)
         started = await silence_until_preemptive(d, conv, fake_llm, 1)
-        await d.say(np.zeros(int(0.8 * 16000), np.float32))
-        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+        await silence_until_the_reply_ends(d)
 
         assert len(fake_llm.requests) == 1 and not fake_llm.cancelled
         [stopped] = event_log.of(F.UserStoppedSpeaking)
@@ -126,8 +134,7 @@ async def test_speaking_again_during_the_silence_cancels_the_early_reply(fake_ll
         await d.say(voiced(speech("en_birch_canoe.wav")))
         await fake_llm.wait_cancelled(1)  # the early reply to half a sentence went as they spoke
         await silence_until_preemptive(d, conv, fake_llm, 2)
-        await d.say(np.zeros(int(0.8 * 16000), np.float32))
-        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+        await silence_until_the_reply_ends(d)
 
         assert [last_user(r) for r in fake_llm.requests] == ["Go forward ten meters and", stt.final_text]
         assert fake_llm.cancelled == [0]
@@ -173,11 +180,9 @@ async def test_by_default_the_decode_at_the_silence_is_the_final_one(fake_llm, e
     conv = conversation(stt, llm(fake_llm.url), event_log)
     d = Driver(conv, event_log)
     try:
-        await d.say(np.zeros(3200, np.float32))
-        await d.say(voiced(speech("en_birch_canoe.wav")))
+        await say_the_answer(d, speech)
         await silence_until_preemptive(d, conv, fake_llm, 1)
-        await d.say(np.zeros(int(0.8 * 16000), np.float32))
-        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+        await silence_until_the_reply_ends(d)
 
         assert not [c for c in stt.calls if c[0]]  # no final decode
         [final] = [t for t in event_log.of(F.Transcript) if t.final]
@@ -218,14 +223,12 @@ async def test_the_pause_does_not_wait_for_a_caption_still_decoding(fake_llm, ev
     conv = conversation(stt, llm(fake_llm.url), event_log)
     d = Driver(conv, event_log)
     try:
-        await d.say(np.zeros(3200, np.float32))
-        await d.say(voiced(speech("en_birch_canoe.wav")))
+        await say_the_answer(d, speech)
         assert stt.caption_started.is_set(), "no caption was decoded while the person talked"
         assert not stt.caption_cancelled
         await silence_until_preemptive(d, conv, fake_llm, 1)
         assert stt.caption_cancelled
-        await d.say(np.zeros(int(0.8 * 16000), np.float32))
-        await d.run_until(lambda ev: of(ev, F.BotStoppedSpeaking))
+        await silence_until_the_reply_ends(d)
 
         assert [c[0] for c in stt.calls] == [False]  # the pause's decode only; no final decode
         assert stt.urgent == [True]  # which a shared engine serves ahead of other rooms' captions
