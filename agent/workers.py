@@ -54,7 +54,6 @@ class Child:
         self.name, self.argv, self.socket_path, self.env = name, argv, socket_path, env
         self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
-        self.ready = asyncio.Event()
         self.restarts = 0
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -73,7 +72,6 @@ class Child:
     async def _spawn(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        self.ready.clear()
         self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
         waiter = asyncio.create_task(self.proc.wait())
         try:
@@ -89,7 +87,6 @@ class Child:
             raise RuntimeError(f"{self.name} did not listen within {READY_TIMEOUT_S:.0f}s") from None
         finally:
             waiter.cancel()
-        self.ready.set()
         log.info("%s ready (pid %d)", self.name, self.proc.pid)
 
     async def _supervise(self) -> None:
@@ -97,7 +94,6 @@ class Child:
         while True:
             assert self.proc is not None
             status = await self.proc.wait()
-            self.ready.clear()
             if self._stopping:
                 return
             log.error("%s (pid %d) exited with status %s; starting it again in %.0fs", self.name,
@@ -138,7 +134,6 @@ class WorkerPool:
     def __init__(self, settings, n: int, *, stt_worker: bool, on_worker_exit: Callable[[int], None],
                  worker_argv: Callable[[int, str], list[str]] | None = None):
         """``worker_argv(i, socket_path)``: the command of worker ``i`` (default: ``parley serve --uds``)."""
-        self.settings, self.n = settings, n
         self.run_dir = Path(tempfile.mkdtemp(prefix="parley-"))  # 0700: only this user reaches the sockets
         self.stt: Child | None = None
         self.workers: list[Child] = []
