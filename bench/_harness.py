@@ -339,14 +339,28 @@ def _number(value: str):
             return value
 
 
+def sound_db(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Energy in dB per 10 ms (smoothed over 30 ms) of 16 kHz audio, and the level that counts as
+    the speech's sound: within 35 dB of its loud part and 6 dB over its noise floor. The benches'
+    one measure of where speech starts and ends (bench/latency.py ``speech_bounds``)."""
+    hop = 160
+    n = len(x) // hop
+    power = np.mean(x[: n * hop].reshape(n, hop).astype(np.float64) ** 2, axis=1) if n else np.zeros(1)
+    db = 10 * np.log10(np.convolve(power, np.ones(3) / 3, mode="same") + 1e-12)
+    return db, max(float(np.percentile(db, 10)) + 6, float(np.percentile(db, 90)) - 35)
+
+
 class ReferenceTextSTT:
     """``serve --text reference``: the real engine decodes every request (its time is real), but
     the text handed on is what bench/latency.py says the person is saying (``POST /bench/say``),
-    cut to the share of the words spoken in the audio so far for interim decodes. A random-weight
-    Whisper's text is noise, and a semantic end of turn reads the words; a real model would
-    write much the same thing (with Whisper's capital and full stop). One room at a time."""
+    cut to the share of the words whose time has come in the audio, as a model writes what it
+    heard. The speech's onset is found in the audio itself (by energy, as the bench found the
+    recording's): the segment's pre-roll varies by a window or two with Silero's trigger, and a
+    pause transcribed ~60 ms after the last sound must not lose its last word to that error. A
+    random-weight Whisper's text is noise, and a semantic end of turn reads the words; a real
+    model would write much the same thing (with Whisper's capital and full stop). One room at a time."""
 
-    PRE_ROLL_S = 0.3  # the VAD keeps this much before the onset (pipeline/vad.py)
+    PRE_ROLL_S = 0.3  # the VAD keeps this much before the onset (pipeline/vad.py): when none is found
 
     def __init__(self, engine):
         self.engine = engine
@@ -367,7 +381,10 @@ class ReferenceTextSTT:
         if result is None or not self.text:
             return result
         words = self.text.split()
-        spoken = (len(audio) / 16000 - self.PRE_ROLL_S) / self.speech_s
+        db, level = sound_db(audio)
+        loud = np.flatnonzero(db >= level)
+        onset = loud[0] / 100 if len(loud) else self.PRE_ROLL_S
+        spoken = (len(audio) / 16000 - onset) / self.speech_s
         # A final cut short by an early end of turn gets only the words said by then, like a model.
         n = len(words) if spoken >= (0.85 if final else 1.0) else max(0, int(len(words) * spoken))
         text = " ".join(words[:n])

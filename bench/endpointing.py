@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.audio import load_audio  # noqa: E402
 from pipeline.endpointing import classify, endpoint_ms  # noqa: E402
 from pipeline.turns import EndpointingOptions, TurnOptions  # noqa: E402
-from pipeline.vad import WINDOW, SileroVAD, Segmenter, SpeechEnd, VADOptions  # noqa: E402
+from pipeline.vad import WINDOW, SileroVAD, Segmenter, SpeechEnd, VADOptions, heard_by  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))  # after the package: bench/pipeline.py shadows it
 from _harness import save_result  # noqa: E402
@@ -166,10 +166,11 @@ def silero_probs(audio: np.ndarray) -> np.ndarray:
 
 
 def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, decode_s: float,
-        margin_s: float) -> tuple[list[float], list[str]]:
-    """Turn-end times (stream s), and the verdicts the semantic policy reached."""
+        margin_s: float, quiet_s: float) -> tuple[list[float], list[str], list[float]]:
+    """Turn-end times (stream s), the verdicts the semantic policy reached, and when each decode of
+    a pause started (stream s)."""
     seg = Segmenter(vad, Replay(u.probs))
-    ends, verdicts = [], []
+    ends, verdicts, decodes = [], [], []
     quiet_for = ready_at = None
     interim: str | None = None
     for i in range(len(u.probs)):
@@ -179,14 +180,18 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
             quiet_for = ready_at = interim = None
         if semantic is None or not seg.speaking:
             continue
-        now, last_voiced = seg.now, round(seg.now - seg.silence_s, 4)
-        if seg.silence_s == 0:
+        # As Conversation._while_speaking: the pause is transcribed once a transcript would hear
+        # every word (``heard_by``), and that transcript stops covering the utterance once it goes on.
+        now = seg.now
+        heard = round(heard_by(now - seg.silence_s, seg.sound_end, margin_s, quiet_s), 4)
+        if quiet_for is not None and heard > quiet_for:
             interim = ready_at = None  # talking again: the last interim no longer covers it
-        elif seg.silence_s >= margin_s and quiet_for != last_voiced:
+        if now >= heard - 1e-6 and quiet_for != heard:
             # The decode of everything said starts now; its text: the words said by now. Nothing is
             # said in a pause, so every word estimated to end before speech resumes counts: that
             # keeps the estimated word timings' errors out of the text.
-            quiet_for, ready_at = last_voiced, now + decode_s
+            quiet_for, ready_at = heard, now + decode_s
+            decodes.append(now)
             said_by = next((t for t in u.onsets if t > now), float("inf"))
             interim = " ".join(w for w, t in zip(u.words, u.word_ends) if t <= said_by)
         text = interim if ready_at is not None and now >= ready_at else None
@@ -194,7 +199,19 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
         seg.endpoint_ms = endpoint_ms(verdict, semantic, vad.endpoint_silence_ms)
         if text is not None and (not verdicts or verdicts[-1] != verdict.value):
             verdicts.append(verdict.value)
-    return ends, verdicts
+    return ends, verdicts, decodes
+
+
+def pause_decodes(utts: list[Utterance], runs: list) -> dict:
+    """When the decode of the final pause started, after the true end of speech (as recorded, no
+    inserted pause), and how many decodes per utterance started while the person still had words
+    to say (a stop consonant's closure, a breath: each a decode, and maybe an LLM request, in vain)."""
+    last = [(max(d for d in r[2] if d < max(r[0]) + 1e-6) - u.speech_end) * 1000
+            for u, r in zip(utts, runs) if not u.gap and r[0] and any(d < max(r[0]) + 1e-6 for d in r[2])]
+    early = [sum(1 for d in r[2] if d < u.speech_end - 0.02) for u, r in zip(utts, runs)]
+    q = np.percentile(last, [50, 90]) if last else [float("nan")] * 2
+    return {"after_true_end_median_ms": round(float(q[0]), 1), "after_true_end_p90_ms": round(float(q[1]), 1),
+            "before_the_end_per_utterance": round(sum(early) / max(len(early), 1), 2)}
 
 
 def score(utts: list[Utterance], turn_ends: list[list[float]]) -> dict:
@@ -234,18 +251,22 @@ def main() -> None:
         u.probs = silero_probs(u.audio)
     t_vad = time.perf_counter() - t0
     semantic = TurnOptions().endpointing
-    margin = TurnOptions().partial_reuse_margin_s
+    margin, quiet = TurnOptions().partial_reuse_margin_s, TurnOptions().pause_quiet_s
     base = VADOptions(endpoint_silence_ms=args.base_ms)
 
-    runs = [run(u, base, semantic, args.decode_ms / 1000, margin) for u in utts]
+    runs = [run(u, base, semantic, args.decode_ms / 1000, margin, quiet) for u in utts]
     sem = score(utts, [r[0] for r in runs])
     persona = VADOptions(endpoint_silence_ms=args.persona_base_ms)
-    sem_persona = score(utts, [run(u, persona, semantic, args.decode_ms / 1000, margin)[0] for u in utts])
+    sem_persona = score(utts, [run(u, persona, semantic, args.decode_ms / 1000, margin, quiet)[0] for u in utts])
+    # The pause's decode by the sound's end against by Silero's silence alone (quiet: never).
+    pauses = pause_decodes(utts, runs)
+    pauses_vad = pause_decodes(utts, [run(u, base, semantic, args.decode_ms / 1000, margin, float("inf"))
+                                      for u in utts])
     verdict_counts: dict[str, int] = {}
-    for _, vs in runs:
+    for _, vs, _ in runs:
         for v in vs:
             verdict_counts[v] = verdict_counts.get(v, 0) + 1
-    sweep = {ms: score(utts, [run(u, VADOptions(endpoint_silence_ms=ms), None, 0, margin)[0] for u in utts])
+    sweep = {ms: score(utts, [run(u, VADOptions(endpoint_silence_ms=ms), None, 0, margin, quiet)[0] for u in utts])
              for ms in SWEEP_MS}
     # The plain VAD whose median latency is nearest the semantic one (the longer on a tie: kinder to it).
     same_latency = min(SWEEP_MS, key=lambda ms: (abs(sweep[ms]["median_ms"] - sem["median_ms"]), -ms))
@@ -274,6 +295,11 @@ def main() -> None:
     if same_cutoffs is not None:
         line(f"plain VAD {same_cutoffs} ms (as few cut-offs)", sweep[same_cutoffs])
     print(f"\nsemantic verdicts on interim text: {verdict_counts}")
+    print(f"pause transcribed (as recorded): {pauses['after_true_end_median_ms']:.0f} / "
+          f"{pauses['after_true_end_p90_ms']:.0f} ms (median / p90) after the true end of speech, "
+          f"{pauses['before_the_end_per_utterance']} decodes per utterance before it; by Silero's silence alone: "
+          f"{pauses_vad['after_true_end_median_ms']:.0f} / {pauses_vad['after_true_end_p90_ms']:.0f} ms, "
+          f"{pauses_vad['before_the_end_per_utterance']}")
     print("\nplain VAD sweep (endpoint ms: false cut-offs, median latency ms):")
     print("  " + "  ".join(f"{ms}:{sweep[ms]['false_cutoffs']}/{sweep[ms]['median_ms']:.0f}" for ms in SWEEP_MS[::2]))
     result = {
@@ -284,6 +310,8 @@ def main() -> None:
                              "unknown_silence_ms": semantic.unknown_silence_ms,
                              "incomplete_silence_ms": semantic.incomplete_silence_ms},
         "semantic": sem, "verdicts": verdict_counts,
+        "pause_decode": {"quiet_ms": round(quiet * 1000), "margin_ms": round(margin * 1000), **pauses,
+                         "by_silero_silence_alone": pauses_vad},
         "semantic_persona_base": {"vad_base_ms": args.persona_base_ms, **sem_persona},
         "plain_same_latency": {"endpoint_ms": same_latency, **sweep[same_latency]},
         "plain_same_cutoffs": {"endpoint_ms": same_cutoffs, **sweep[same_cutoffs]} if same_cutoffs else None,

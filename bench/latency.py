@@ -106,11 +106,13 @@ def whisper_style(text: str) -> str:
 
 
 def speech_bounds(x: np.ndarray) -> tuple[float, float, float]:
-    """(Silero's onset, end, Silero's end) of the speech in 16 kHz audio, in seconds. Silero finds the last
+    """(onset, end, Silero's end) of the speech in 16 kHz audio, in seconds. Silero finds the
     speech (32 ms windows: noise and breaths do not count, but its probability lags the sound by a
-    window or two); the end is then refined to 10 ms: the last point where the energy over 30 ms is
-    within 35 dB of the speech's loud part and 6 dB over the noise floor, looked for from the start
-    of that last stretch of speech to 150 ms after Silero's end (a soft final consonant)."""
+    window or two); both bounds are then refined to 10 ms by energy (bench/_harness.py ``sound_db``:
+    within 35 dB of the speech's loud part and 6 dB over the noise floor): the onset looked for
+    from 150 ms before Silero's first window, the end from the start of the last stretch of speech
+    to 150 ms after Silero's end (a soft final consonant)."""
+    from _harness import sound_db
     from pipeline.vad import WINDOW, SileroVAD
 
     vad = SileroVAD()
@@ -121,16 +123,18 @@ def speech_bounds(x: np.ndarray) -> tuple[float, float, float]:
     first_of_last, voiced_set = voiced[-1], set(voiced.tolist())
     while first_of_last - 1 in voiced_set:
         first_of_last -= 1
-    vad_end = (voiced[-1] + 1) * WINDOW / 16000
-    hop = 160
-    power = np.array([np.mean(x[i:i + hop] ** 2) for i in range(0, len(x) - hop + 1, hop)])
-    db = 10 * np.log10(np.convolve(power, np.ones(3) / 3, mode="same") + 1e-12)
-    speech = db[int(voiced[0] * WINDOW / hop):int(vad_end * 100)]
+    vad_onset, vad_end = voiced[0] * WINDOW / 16000, (voiced[-1] + 1) * WINDOW / 16000
+    # The level from the speech's own loud part (not the whole file's, mostly silence here).
+    db, _ = sound_db(x)
+    speech = db[int(vad_onset * 100):int(vad_end * 100)]
     threshold = max(np.percentile(db, 10) + 6, np.percentile(speech, 90) - 35)
-    lo, hi = int(first_of_last * WINDOW / hop), min(len(db), int((vad_end + 0.15) * 100))
+    lo = max(int(vad_onset * 100) - 15, 0)
+    first = np.flatnonzero(db[lo:int(vad_end * 100)] >= threshold)
+    onset = (lo + first[0]) / 100 if len(first) else vad_onset
+    lo, hi = int(first_of_last * WINDOW / 160), min(len(db), int((vad_end + 0.15) * 100))
     loud = np.flatnonzero(db[lo:hi] >= threshold)
     end = (lo + loud[-1] + 1) / 100 if len(loud) else vad_end
-    return voiced[0] * WINDOW / 16000, end, vad_end
+    return onset, end, vad_end
 
 
 def load_recordings(folder: Path, max_s: float = 8.0) -> list[Recording]:

@@ -40,7 +40,7 @@ from .stt import STT
 from .tasks import TaskSet
 from .tts import TTS, TTSError, Word
 from .turns import ConversationConfig, TurnOptions
-from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions
+from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions, heard_by
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Conversation:
         self._partial: tuple[asyncio.Task, float] | None = None  # (task, stream time its audio ends)
         self._last_partial_t = 0.0
         self._interim: _Interim | None = None  # the latest interim transcript of this utterance
-        self._quiet_for: float | None = None  # the pause (its last voiced instant) already transcribed
+        self._quiet_for: float | None = None  # the pause (its ``_heard_by``) already transcribed
         self._eot: tuple[str | None, Verdict, int] | None = None  # (text, verdict, endpoint ms) last decided
         self._preempt: _Reply | None = None  # a reply to the interim transcript, not yet confirmed
         self.preemptive = PreemptiveStats()
@@ -244,10 +244,10 @@ class Conversation:
             due = o.partial_interval_s > 0 and now - self._last_partial_t >= o.partial_interval_s
             # The moment the person goes quiet, transcribe everything they said (once per pause):
             # its words decide how long this silence must last and start the reply early.
-            last_voiced = round(now - self.segmenter.silence_s, 4)
-            quiet = self.segmenter.silence_s >= o.partial_reuse_margin_s
-            wanted = (o.endpointing.enabled or o.preemptive_generation) and self._quiet_for != last_voiced
-            if quiet and wanted and self._partial is not None and self._partial[1] < last_voiced + o.partial_reuse_margin_s:
+            heard = round(self._heard_by(), 4)
+            quiet = now >= heard - 1e-6
+            wanted = (o.endpointing.enabled or o.preemptive_generation) and self._quiet_for != heard
+            if quiet and wanted and self._partial is not None and self._partial[1] < heard - 1e-6:
                 # A caption still decoding audio that stops before this pause: its text is about
                 # to be superseded, and waiting for it put a whole decode (~100 ms on average on
                 # a CPU, measured) between the pause and the turn's decision.
@@ -255,7 +255,7 @@ class Conversation:
             if self._partial is None and (due or (quiet and wanted)):
                 pause = quiet and wanted
                 if pause:
-                    self._quiet_for = last_voiced
+                    self._quiet_for = heard
                 self._last_partial_t = now
                 audio = self.segmenter.segment_audio()
                 # The pause's decode decides the turn (and is kept as its final): a shared engine
@@ -264,10 +264,15 @@ class Conversation:
                 self._partial = (task, now)
         self._update_endpoint()
 
+    def _heard_by(self, ev: SpeechEnd | None = None) -> float:
+        """Stream time by which a transcript has heard every word said so far (or in ``ev``)."""
+        seg, o = self.segmenter, self.options
+        last_voiced, sound_end = (ev.t, ev.sound_end) if ev else (seg.now - seg.silence_s, seg.sound_end)
+        return heard_by(last_voiced, sound_end, o.partial_reuse_margin_s, o.pause_quiet_s)
+
     def _covers(self, t_end: float) -> bool:
-        """Whether a transcript of the audio up to ``t_end`` heard every voiced window so far."""
-        last_voiced = self.segmenter.now - self.segmenter.silence_s
-        return t_end >= last_voiced + self.options.partial_reuse_margin_s - 1e-6
+        """Whether a transcript of the audio up to ``t_end`` heard every word so far."""
+        return t_end >= self._heard_by() - 1e-6
 
     def _update_endpoint(self) -> None:
         """Set this utterance's endpoint silence from the words heard so far."""
@@ -306,14 +311,14 @@ class Conversation:
         preempt, self._preempt = self._preempt, None
         interim, self._interim, self._eot = self._interim, None, None
         reuse = None
-        margin = self.options.partial_reuse_margin_s
-        if self._partial is not None and self._partial[1] >= ev.t + margin:
+        heard = self._heard_by(ev) - 1e-6
+        if self._partial is not None and self._partial[1] >= heard:
             reuse = self._partial[0]  # already decoding everything that was said: its text is the final
             self._partial = None
         else:
             self._cancel_partial()
             if (self.options.reuse_interim_as_final and interim is not None and interim.result is not None
-                    and interim.t_end >= ev.t + margin):
+                    and interim.t_end >= heard):
                 # The decode made when the silence began heard every word, with the same model and
                 # options as a final: decoding again would add a whole decode to every turn.
                 reuse = asyncio.get_running_loop().create_future()

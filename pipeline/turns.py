@@ -38,8 +38,15 @@ class TurnOptions:
     backchannel_resume_s: float = 0.2
     # Re-decode the growing utterance this often (audio clock) for interim transcripts; 0 disables.
     partial_interval_s: float = 0.6
-    # A partial that already covers the end of speech plus this margin is reused as the final.
+    # A transcript has heard every word once its audio runs this far past the VAD's last voiced
+    # window (the pause is then transcribed at once, and that decode reused as the final)...
     partial_reuse_margin_s: float = 0.1
+    # ...or this far past the end of the sound itself (pipeline/vad.py ``Segmenter.sound_end``),
+    # whichever comes first. Silero's probability lags the sound by 30-100 ms; the energy does not.
+    # Three 32 ms windows: on ../shared/speech the pause is transcribed a median 106 ms after the
+    # true end of speech (220 ms by the VAD alone) at 0.5 stop-consonant gaps per utterance
+    # transcribed in vain (two windows: 74 ms, 1.4 gaps; bench/pause_onset.py).
+    pause_quiet_s: float = 0.096
     # The decode made when the silence began heard every word, with the final's model and options:
     # it is the final transcript, saving a whole decode per turn (~370 ms for whisper-tiny on 2
     # cores). Turn off for an STT whose finals are better than its partials (a cloud engine, or

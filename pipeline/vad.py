@@ -11,6 +11,11 @@ Defaults, measured on ../shared/speech with ``bench/vad_defaults.py``:
 - ``min_speech_ms=100``: shorter bursts (clicks, taps) are never turns.
 - ``pre_roll_ms=300``: Silero needs two or three windows to cross the threshold; keeping 300 ms
   before the trigger puts the segment start within one window of the true onset.
+
+Silero's probability lags the sound: it stays over the hysteresis threshold for one to three
+windows (30-100 ms) after the last word has physically ended. ``Segmenter.sound_end`` tracks the end
+of the sound itself (a window's energy against the utterance's loud part and the noise floor) so
+that the caller can transcribe a pause as soon as the sound is over, without waiting out that lag.
 """
 from __future__ import annotations
 
@@ -97,6 +102,7 @@ class SpeechEnd:
     start: float
     onset: float = 0.0  # first voiced window: ``t - onset`` is how long the person spoke
     pauses: list[float] = field(default_factory=list)  # silences inside the utterance, >= MIN_PAUSE_S
+    sound_end: float = 0.0  # stream time (s) where the last sound ended (Segmenter.sound_end)
 
     @property
     def speech_s(self) -> float:
@@ -104,6 +110,30 @@ class SpeechEnd:
 
 
 MIN_PAUSE_S = 0.25  # shorter gaps are just the rhythm of speech
+
+# A window still sounds (a soft final consonant, the end of a vowel) while its energy is within
+# SOUND_RANGE_DB of the utterance's loudest voiced window and SOUND_OVER_FLOOR_DB over the noise
+# floor; below both it is room noise, whatever Silero's lagging probability says.
+SOUND_RANGE_DB = 40.0
+SOUND_OVER_FLOOR_DB = 6.0
+FLOOR_BELOW_LOUD_DB = 25.0
+_FLOOR_MIN_DB = -80.0  # a muted microphone's digital silence must not make every hiss "sound"
+# Minimum tracking between utterances: the floor drops to any quieter window at once and rises by
+# at most this much per 32 ms window (30 dB a second: a room that got noisier is learnt within a
+# second; the ~100 ms of speech before Silero's trigger raise it by 3 dB at most).
+_FLOOR_RISE_DB = 2.0
+_FLOOR_MIN_WINDOWS = 8  # a floor is trusted once learnt from 256 ms of non-speech
+
+
+def heard_by(last_voiced: float, sound_end: float, margin_s: float, quiet_s: float) -> float:
+    """The stream time by which a transcript has heard every word of the utterance so far: the
+    sound has been quiet for ``quiet_s``, or Silero for ``margin_s`` (the noisy room where the
+    energy never falls back to the floor), whichever comes first."""
+    return min(last_voiced + margin_s, sound_end + quiet_s)
+
+
+def window_db(window: np.ndarray) -> float:
+    return 10.0 * float(np.log10(float(np.dot(window, window)) / len(window) + 1e-10))
 
 
 class Segmenter:
@@ -128,6 +158,10 @@ class Segmenter:
         self._onset_t = 0.0
         self._pauses: list[float] = []
         self._last_voiced_end = 0.0
+        self._sound_end = 0.0
+        self._loud_db = -200.0  # the utterance's loudest voiced window
+        self._floor_db: float | None = None  # noise floor, learnt between utterances
+        self._floor_windows = 0  # how many windows it was learnt from
         self.last_probability = 0.0
         # The caller's endpoint for the segment in progress (semantic end of turn decides it from
         # the words; this class never sees them); None: ``options.endpoint_silence_ms``. Cleared
@@ -147,6 +181,14 @@ class Segmenter:
         """While speaking: seconds from the first voiced window to the end of the last one (pauses
         included, the trailing silence not): how long the person has actually been talking."""
         return self._last_voiced_end - self._onset_t if self._speaking else 0.0
+
+    @property
+    def sound_end(self) -> float:
+        """While speaking: the end of the last window that still sounded (over the noise floor and
+        near the utterance's loudness) or that Silero held for speech at ``threshold``: earlier than
+        the last voiced window when only Silero's lag kept it voiced, later on a soft final
+        consonant Silero already let go of."""
+        return self._sound_end if self._speaking else 0.0
 
     @property
     def silence_s(self) -> float:
@@ -181,10 +223,17 @@ class Segmenter:
         o = self.options
         p = self.vad(window)
         self.last_probability = p
+        db = window_db(window)
         min_speech = max(1, round(o.min_speech_ms / 1000 / WINDOW_S))
         endpoint_ms = o.endpoint_silence_ms if self.endpoint_ms is None else self.endpoint_ms
         endpoint = max(1, round(endpoint_ms / 1000 / WINDOW_S))
         if not self._speaking:
+            if p < o.off_threshold:
+                floor = max(db, _FLOOR_MIN_DB)
+                if self._floor_db is not None:
+                    floor = min(floor, self._floor_db + _FLOOR_RISE_DB)
+                self._floor_db = floor
+                self._floor_windows += 1
             self._pre_roll.append(window)
             self._voiced_run = self._voiced_run + 1 if p >= o.threshold else 0
             if self._voiced_run >= min_speech:
@@ -195,10 +244,27 @@ class Segmenter:
                 self._start_t = t0 + WINDOW_S - len(self._segment) * WINDOW_S
                 self._onset_t = t0 + WINDOW_S - self._voiced_run * WINDOW_S
                 self._pauses = []
-                self._last_voiced_end = t0 + WINDOW_S
+                self._last_voiced_end = self._sound_end = t0 + WINDOW_S
+                self._loud_db = max(window_db(w) for w in self._segment[-self._voiced_run:])
                 return SpeechStart(self._start_t, self._onset_t)
             return None
         self._segment.append(window)
+        if p >= o.threshold:
+            self._loud_db = max(self._loud_db, db)
+        # No floor learnt yet (the stream started mid-word): no way to tell a soft last consonant
+        # from the room, so the sound lasts as long as Silero says. A floor learnt from loud noise
+        # must not hide the words themselves: it is held FLOOR_BELOW_LOUD_DB under the voice.
+        if self._floor_db is None or self._floor_windows < _FLOOR_MIN_WINDOWS:
+            sounding = p >= o.off_threshold
+        else:
+            floor = min(self._floor_db, self._loud_db - FLOOR_BELOW_LOUD_DB)
+            # Loud enough, and speech to Silero or carrying on the sound before (the final
+            # consonant Silero already let go of, flickering over noise: a window's gap allowed):
+            # a lone click or breath later in a pause adds no words.
+            sounding = (db >= max(floor + SOUND_OVER_FLOOR_DB, self._loud_db - SOUND_RANGE_DB)
+                        and (p >= o.off_threshold or t0 - self._sound_end <= WINDOW_S + 1e-6))
+        if sounding:
+            self._sound_end = t0 + WINDOW_S
         if p >= o.off_threshold:
             if self._silent_run * WINDOW_S >= MIN_PAUSE_S:
                 self._pauses.append(round(self._silent_run * WINDOW_S, 3))
@@ -217,5 +283,5 @@ class Segmenter:
             self._segment = []
             self.endpoint_ms = None
             pauses, self._pauses = self._pauses, []
-            return SpeechEnd(self._last_voiced_end, audio, self._start_t, self._onset_t, pauses)
+            return SpeechEnd(self._last_voiced_end, audio, self._start_t, self._onset_t, pauses, self._sound_end)
         return None

@@ -136,3 +136,53 @@ def test_a_sound_that_never_rises_keeps_only_its_lead_in():
     trim = LeadingSilenceTrimmer(48000, lead_ms=5)
     assert len(trim.process(np.zeros(1000, np.int16))) == 0
     assert len(trim.flush()) == 240 and trim.done
+
+
+def _speech_end(stream: np.ndarray) -> SpeechEnd:
+    seg = Segmenter(VADOptions(endpoint_silence_ms=1400))
+    [end] = [e for i in range(0, len(stream), 320) for e in seg.feed(stream[i : i + 320]) if isinstance(e, SpeechEnd)]
+    return end
+
+
+@pytest.mark.parametrize("noise_db", [None, -50.0])
+def test_the_sound_end_is_where_the_sound_stopped_not_where_silero_let_go(speech, noise_db):
+    """Silero's probability stays up for a window or more after the last word; ``sound_end`` marks
+    where the sound itself stopped (what a pause can be transcribed from), in a quiet room and over
+    steady noise the segmenter learnt before the person spoke."""
+    lags = []
+    for name in RECORDINGS + ["en_harvard_spk1_snt1.wav", "en_harvard_spk1_snt3.wav"]:
+        x = speech(name)
+        _, off = voiced_bounds(x)  # the last 10 ms within 25 dB of the loudest
+        stream = np.concatenate([np.zeros(8000, np.float32), x, np.zeros(40000, np.float32)])
+        if noise_db is not None:
+            stream += np.random.default_rng(0).normal(0, 10 ** (noise_db / 20), len(stream)).astype(np.float32)
+        end = _speech_end(stream)
+        true_end = 0.5 + off
+        # Within about a window of the energy's end in a quiet room (softer tails than -25 dB count
+        # as sound there). Over noise, a final "s" only 3 dB above it cannot be told from the room
+        # ("meters": 128 ms early), which still leaves all but ~30 ms of it in a transcript taken
+        # ``pause_quiet_s`` (96 ms) later; never a word early.
+        early = 0.05 if noise_db is None else 0.13
+        assert true_end - early <= end.sound_end <= true_end + 0.36, (name, end.sound_end - true_end)
+        lags.append(end.t - end.sound_end)
+    assert sum(lag > 0.03 for lag in lags) >= 3, lags  # mostly, Silero let go later
+
+
+def test_a_stream_that_starts_mid_word_ends_its_sound_where_silero_does(speech):
+    """With no noise floor learnt yet, a soft consonant cannot be told from the room: the sound
+    lasts as long as Silero says, so no early transcript can miss the end of the word."""
+    x = speech("en_birch_canoe.wav")
+    on, _ = voiced_bounds(x)
+    end = _speech_end(np.concatenate([x[int(on * 16000):], np.zeros(40000, np.float32)]))
+    assert end.sound_end >= end.t - 1e-9
+
+
+def test_loud_steady_noise_never_makes_the_sound_end_early(speech):
+    """Where the noise is as loud as a soft consonant, the energy never falls back: the sound does
+    not end before the speech (the caller falls back on Silero's silence)."""
+    x = speech("en_birch_canoe.wav")
+    _, off = voiced_bounds(x)
+    stream = np.concatenate([np.zeros(8000, np.float32), x, np.zeros(40000, np.float32)])
+    stream += np.random.default_rng(0).normal(0, 10 ** (-40 / 20), len(stream)).astype(np.float32)
+    end = _speech_end(stream)
+    assert end.sound_end >= 0.5 + off - 0.05

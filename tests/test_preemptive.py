@@ -194,6 +194,36 @@ async def test_by_default_the_decode_at_the_silence_is_the_final_one(fake_llm, e
     assert not conv._tasks
 
 
+async def test_the_pause_is_transcribed_when_the_sound_stops_not_when_silero_lets_go(fake_llm, event_log, speech):
+    """Silero's probability trails the last word by 30-100 ms. The decode that decides the turn
+    (and starts the reply) begins once the sound itself has been quiet for ``pause_quiet_s``,
+    before the VAD has counted ``partial_reuse_margin_s`` of silence, and is still the final."""
+    fake_llm.reply_for = answer
+    stt = ScriptedSTT(partial_text=FINAL, final_text="never asked for")
+    conv = conversation(stt, llm(fake_llm.url), event_log)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(16000, np.float32))  # the room before the person speaks: its noise floor
+        await d.say(speech("en_birch_canoe.wav"))  # the words, as recorded: the room's tail and all
+        vad_silence_at_decode = None
+        for _ in range(25):
+            await d.step()
+            if True in stt.urgent:
+                vad_silence_at_decode = conv.segmenter.silence_s
+                break
+        assert vad_silence_at_decode is not None, "the pause was never transcribed"
+        assert vad_silence_at_decode < conv.options.partial_reuse_margin_s
+        await silence_until_preemptive(d, conv, fake_llm, 1)
+        await silence_until_the_reply_ends(d)
+
+        assert [c[0] for c in stt.calls if c[0]] == []  # it heard every word: no second decode
+        assert conv.preemptive == PreemptiveStats(started=1, used=1, discarded=0)
+        assert " ".join(e.text for e in event_log.of(F.BotText) if e.spoken) == f"You told me: {FINAL}"
+    finally:
+        await conv.aclose()
+    assert not conv._tasks
+
+
 class _SlowCaptionSTT(ScriptedSTT):
     """The first interim decode (a caption, taken while the person talks) never finishes by
     itself: as on a busy CPU, where a caption can still be decoding when the person stops."""
