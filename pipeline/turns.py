@@ -43,9 +43,10 @@ class TurnOptions:
     partial_reuse_margin_s: float = 0.1
     # ...or this far past the end of the sound itself (pipeline/vad.py ``Segmenter.sound_end``),
     # whichever comes first. Silero's probability lags the sound by 30-100 ms; the energy does not.
-    # Three 32 ms windows: on ../shared/speech the pause is transcribed a median 106 ms after the
-    # true end of speech (220 ms by the VAD alone) at 0.5 stop-consonant gaps per utterance
-    # transcribed in vain (two windows: 74 ms, 1.4 gaps; bench/pause_onset.py).
+    # Three 32 ms windows (bench/endpointing.py): the pause is transcribed a median 148 ms after
+    # the true end of speech instead of 230, at 1.49 decodes per utterance before its end instead
+    # of 1.24 (stop consonants' closures: each a decode and maybe an LLM request in vain). Two
+    # windows: 32 ms sooner, but in 9 such gaps instead of 2 over the 14 English recordings.
     pause_quiet_s: float = 0.096
     # The decode made when the silence began heard every word, with the final's model and options:
     # it is the final transcript, saving a whole decode per turn (~370 ms for whisper-tiny on 2
