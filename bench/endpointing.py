@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import time
 from dataclasses import dataclass
