@@ -184,10 +184,10 @@ class Segmenter:
 
     @property
     def sound_end(self) -> float:
-        """While speaking: the end of the last window that still sounded (over the noise floor and
-        near the utterance's loudness) or that Silero held for speech at ``threshold``: earlier than
-        the last voiced window when only Silero's lag kept it voiced, later on a soft final
-        consonant Silero already let go of."""
+        """While speaking: the end of the last window that still sounded (over the noise floor,
+        near the utterance's loudness, and speech to Silero or straight on from the sound before):
+        earlier than the last voiced window when only Silero's lag kept it voiced, later on a soft
+        final consonant Silero already let go of. Silero's own end until a floor is learnt."""
         return self._sound_end if self._speaking else 0.0
 
     @property
