@@ -339,15 +339,16 @@ def _number(value: str):
             return value
 
 
-def sound_db(x: np.ndarray) -> tuple[np.ndarray, float]:
+def sound_db(x: np.ndarray, speech: slice = slice(None)) -> tuple[np.ndarray, float]:
     """Energy in dB per 10 ms (smoothed over 30 ms) of 16 kHz audio, and the level that counts as
-    the speech's sound: within 35 dB of its loud part and 6 dB over its noise floor. The benches'
-    one measure of where speech starts and ends (bench/latency.py ``speech_bounds``)."""
+    the speech's sound: within 35 dB of its loud part (the 10 ms steps in ``speech``, when known)
+    and 6 dB over the whole audio's noise floor. The benches' one measure of where speech starts
+    and ends (bench/latency.py ``speech_bounds``)."""
     hop = 160
     n = len(x) // hop
     power = np.mean(x[: n * hop].reshape(n, hop).astype(np.float64) ** 2, axis=1) if n else np.zeros(1)
     db = 10 * np.log10(np.convolve(power, np.ones(3) / 3, mode="same") + 1e-12)
-    return db, max(float(np.percentile(db, 10)) + 6, float(np.percentile(db, 90)) - 35)
+    return db, max(float(np.percentile(db, 10)) + 6, float(np.percentile(db[speech], 90)) - 35)
 
 
 class ReferenceTextSTT:

@@ -125,9 +125,7 @@ def speech_bounds(x: np.ndarray) -> tuple[float, float, float]:
         first_of_last -= 1
     vad_onset, vad_end = voiced[0] * WINDOW / 16000, (voiced[-1] + 1) * WINDOW / 16000
     # The level from the speech's own loud part (not the whole file's, mostly silence here).
-    db, _ = sound_db(x)
-    speech = db[int(vad_onset * 100):int(vad_end * 100)]
-    threshold = max(np.percentile(db, 10) + 6, np.percentile(speech, 90) - 35)
+    db, threshold = sound_db(x, slice(int(vad_onset * 100), int(vad_end * 100)))
     lo = max(int(vad_onset * 100) - 15, 0)
     first = np.flatnonzero(db[lo:int(vad_end * 100)] >= threshold)
     onset = (lo + first[0]) / 100 if len(first) else vad_onset
