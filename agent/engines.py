@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pipeline.llm import LLMOptions, OpenAILLM
 from pipeline.stt import STT, WhisperOptions, shared_whisper
-from pipeline.tts import TTS, make_tts
+from pipeline.tts import TTS, aclose_tts, make_tts
 
 from .config import Settings, cache_dir
 
@@ -36,6 +36,7 @@ class Engines:
             await self.stt.aclose()
         if self.llm is not None:
             await self.llm.aclose()
+        await aclose_tts(self.tts)
 
 
 def whisper_options(settings: Settings) -> WhisperOptions:

@@ -55,8 +55,9 @@ SAMPLE_S = 5.0
 POOL_THREADS = ("asyncio_", "whisper-", "ThreadPoolExecutor")  # process-wide pools, bounded
 DB_FILES = ("parley.db", "parley.db-wal", "parley.db-shm")
 # Process-wide, opened once on first use and kept: onnxruntime's telemetry database (the first VAD
-# model), the pools of connections to the LLM and from HTTP clients (this script's own polling).
-PROCESS_WIDE = (".onnxruntime/", "tcp:llm-pool", "tcp:http-in")
+# model), the pools of connections to the LLM and from HTTP clients (this script's own polling), the
+# pipes of espeak-ng's spare processes (one per recent voice, bounded by EspeakTTS.max_spares).
+PROCESS_WIDE = (".onnxruntime/", "tcp:llm-pool", "tcp:http-in", "pipe:tts-spare")
 # The soak is about lifetimes, not abuse limits: the server's per-address signaling limit would
 # refuse a churning client process that is all on 127.0.0.1.
 SOAK_ENV = {**SERVER_ENV, "PARLEY_SIGNALING_RATE_PER_MIN": "100000", "PARLEY_SIGNALING_BURST": "100000",
@@ -125,7 +126,11 @@ def serve(args: argparse.Namespace) -> None:
         me = asyncio.current_task()
         sockets = {c.fd: c for c in proc.net_connections(kind="inet")}
         fds = []
+        spares = getattr(engines.tts, "spare_fds", set)()
         for fd in os.listdir("/proc/self/fd"):
+            if int(fd) in spares:
+                fds.append("pipe:tts-spare")
+                continue
             c = sockets.get(int(fd))
             if c is not None and c.raddr:
                 # Connections by role: to the LLM (its client's keep-alive pool), from HTTP clients
@@ -247,7 +252,13 @@ async def slot(i: int, url: str, http, speech: list[list[bytes]], silence: bytes
 
 
 async def get_state(http, server: Server) -> dict:
-    return (await http.get(f"{server.url}/soak/state", timeout=30)).json()
+    import httpx
+
+    try:
+        return (await http.get(f"{server.url}/soak/state", timeout=30)).json()
+    except httpx.TransportError as e:  # the server died: say how, not only that it is unreachable
+        code = server.proc.returncode if server.proc else None
+        raise RuntimeError(f"the server is unreachable ({e!r}; exit code {code}):\n{server.log_tail()}") from e
 
 
 def leftovers(before: list[str], after: list[str], ignore=lambda x: False) -> list[str]:
