@@ -87,16 +87,16 @@ async def test_a_reply_cancelled_mid_sentence_ends_its_process_and_closes_its_pi
     tts = EspeakTTS()
     fds = open_fds()
     try:
+        async for _ in tts.synthesize("Good.", "en"):
+            pass
+        (speaker,) = tts._spares.values()  # the process that will speak the long sentence
         # Longer than any pipe buffer: the text is still being written when the first audio
         # arrives (a blocking write would deadlock here), and the cancel drops the rest.
-        text = "This sentence goes on and on. " * 4000
-        agen = tts.synthesize(text, "en")
+        agen = tts.synthesize("This sentence goes on and on. " * 4000, "en")
         first = await asyncio.wait_for(agen.__anext__(), 10)
-        assert len(first.pcm)
-        procs = [p for p in tts._spares.values()]
+        assert len(first.pcm) and speaker not in tts._spares.values() and running(speaker.pid)
         await agen.aclose()
-        children = [int(x) for x in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
-        assert not [pid for pid in children if running(pid) and pid not in {p.pid for p in procs}]
+        assert not running(speaker.pid) and speaker.returncode is not None  # killed and reaped
     finally:
         await tts.aclose()
     assert open_fds() == fds
