@@ -50,6 +50,14 @@ def patch_loopback_ice() -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
 
 
+def pinned(cpus: set[int] | None):
+    """A ``preexec_fn`` that confines a child process to ``cpus`` before it starts any thread (every
+    thread and process it makes inherits the set); None when unconfined."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def tiny_whisper() -> Path:
     """The tests' tiny random-weight Whisper (built once into the same cache the tests use)."""
     from platformdirs import user_cache_dir
@@ -543,9 +551,11 @@ class Server:
     """The server child process, from the parent's side."""
 
     def __init__(self, llm_url: str, workdir: Path, tts: str = "tone", probe: str | None = None,
-                 aiortc_defaults: bool = False, stt: str = "tiny", extra: list[str] = ()):
+                 aiortc_defaults: bool = False, stt: str = "tiny", extra: list[str] = (),
+                 cpus: set[int] | None = None):
         """``aiortc_defaults``: the peer without its own audio paths (agent/peer.py FAST_PATHS);
-        ``extra``: more ``serve`` arguments (bench/latency.py's)."""
+        ``extra``: more ``serve`` arguments (bench/latency.py's); ``cpus``: the cores the server (its
+        threads and worker processes) may run on."""
         import socket
 
         with socket.socket() as s:
@@ -562,12 +572,14 @@ class Server:
         self.cmd += list(extra)
         self.proc: asyncio.subprocess.Process | None = None
         self.log = workdir / "server.log"
+        self.cpus = cpus
 
     async def start(self, timeout: float = 60.0) -> "Server":
         import httpx
 
         self._log = open(self.log, "wb")
-        self.proc = await asyncio.create_subprocess_exec(*self.cmd, stdout=self._log, stderr=self._log, env=SERVER_ENV)
+        self.proc = await asyncio.create_subprocess_exec(*self.cmd, stdout=self._log, stderr=self._log, env=SERVER_ENV,
+                                                         preexec_fn=pinned(self.cpus))
         async with httpx.AsyncClient(timeout=2) as http:
             deadline = time.monotonic() + timeout
             while True:

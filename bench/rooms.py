@@ -45,7 +45,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, SERVER_ENV, Server, save_result, sleep_until  # noqa: E402
+from _harness import ROOT, SERVER_ENV, Server, pinned, save_result, sleep_until  # noqa: E402
 
 STEPS = [5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100]
 OTHERS_LIMIT_PCT = 25.0  # other processes' CPU (% of a core) above which a step's failure is re-run once
@@ -62,11 +62,12 @@ class Worker:
         self.proc = proc
 
     @classmethod
-    async def start(cls, url: str, rooms: list[str], seed: int) -> "Worker":
+    async def start(cls, url: str, rooms: list[str], seed: int, cpus: set[int] | None = None) -> "Worker":
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(Path(__file__).with_name("_harness.py")), "clients", "--url", url,
             "--rooms", ",".join(rooms), "--seed", str(seed),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=pinned(cpus))
         return cls(proc)
 
     async def read(self, timeout: float) -> dict:
@@ -174,10 +175,10 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 async def run_step(http, server: Server, sproc, n: int, seconds: float, warmup: float, per_worker: int,
-                   seed: int) -> dict:
+                   seed: int, client_cpus: set[int] | None = None) -> dict:
     rooms = [f"bench-{n}-{i}" for i in range(n)]
     groups = [rooms[i:i + per_worker] for i in range(0, n, per_worker)]
-    workers = [await Worker.start(server.url, g, seed + i) for i, g in enumerate(groups)]
+    workers = [await Worker.start(server.url, g, seed + i, client_cpus) for i, g in enumerate(groups)]
     wprocs = [psutil.Process(w.proc.pid) for w in workers]
     t_connect = time.monotonic()
     try:
@@ -291,18 +292,30 @@ async def quiet(sproc, max_wait_s: float, log) -> float:
 
 async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, tts: str = "tone",
               seed: int = 0, keep_going: bool = False, log=print, stt: str = "tiny",
-              budget_s: float = 420.0, aiortc_defaults: bool = False, workers: int = 1) -> dict:
+              budget_s: float = 420.0, aiortc_defaults: bool = False, workers: int = 1,
+              server_cores: int | None = None) -> dict:
     import httpx
 
     from fake_llm import FakeLLM
 
+    server_cpus = client_cpus = None
+    if server_cores:
+        # The server on its own cores, everything else (clients, this process, the stand-in LLM) on
+        # the rest: the rooms held are then rooms per server_cores cores, measured, not projected.
+        cores = sorted(os.sched_getaffinity(0))
+        if server_cores >= len(cores):
+            raise SystemExit(f"--server-cores {server_cores} leaves none of the {len(cores)} cores to the clients")
+        server_cpus, client_cpus = set(cores[:server_cores]), set(cores[server_cores:])
+        os.sched_setaffinity(0, client_cpus)
     llm = await FakeLLM().start()
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         server = Server(llm.url, Path(tmp), tts=tts, stt=stt, aiortc_defaults=aiortc_defaults,
-                        extra=["--workers", str(workers)] if workers > 1 else [])
+                        extra=["--workers", str(workers)] if workers > 1 else [], cpus=server_cpus)
         try:
             await server.start()
             sproc = psutil.Process(server.proc.pid)
+            # What the server's processes may run on, as the kernel has it (not as asked).
+            affinity = sorted({c for p in tree(sproc) for c in p.cpu_affinity()})
             async with httpx.AsyncClient(timeout=30) as http:
                 c0, t0 = tree_cpu_seconds(sproc), time.monotonic()
                 await asyncio.sleep(2.0)  # the idle server's own CPU, measured over a fixed interval
@@ -316,7 +329,7 @@ async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, 
                     for attempt in range(ATTEMPTS):
                         others = await quiet(sproc, QUIET_WAIT_S, log)
                         r = await run_step(http, server, sproc, n, seconds, warmup, per_worker,
-                                           seed + 1000 * i + attempt)
+                                           seed + 1000 * i + attempt, client_cpus)
                         r["other_processes_cpu_pct_before"] = others
                         log(row(r))
                         if r["ok"] or r["other_processes_cpu_pct"] <= OTHERS_LIMIT_PCT:
@@ -346,7 +359,9 @@ async def run(steps: list[int], seconds: float, warmup: float, per_worker: int, 
                       f"concurrent WebRTC rooms in one server (a front and {workers} worker processes)")
                      + f" (aiortc clients on loopback, real speech, stand-in LLM and {tts} TTS, "
                      f"{'tiny Whisper' if stt == 'tiny' else 'instant stand-in'} STT)",
-        "stt": stt, "aiortc_defaults": aiortc_defaults, "workers": workers, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
+        "stt": stt, "aiortc_defaults": aiortc_defaults, "workers": workers,
+        "server_cores": server_cores, "server_cpus": affinity,
+        "rooms_per_server_core": round(best / server_cores, 1) if server_cores else None, "server_env": {"OPENBLAS_NUM_THREADS": SERVER_ENV["OPENBLAS_NUM_THREADS"]},
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "criteria": CRITERIA,
         "seconds": seconds, "warmup_s": warmup, "tts": tts,
@@ -385,6 +400,9 @@ def table(result: dict) -> str:
                  f"{result['server_cpu_pct_per_room_without_stt_at_max']}% without the STT engine "
                  f"(~{result['rooms_per_core_projected']} rooms per core for transport + VAD + pipeline); "
                  f"idle server {result['server_idle_cpu_pct']}%")
+    if result.get("server_cores"):
+        lines.append(f"the server confined to {result['server_cores']} core(s) {result['server_cpus']}, the clients "
+                     f"to the others: {result['rooms_per_server_core']} rooms per server core, measured")
     lines.append("CPU in % of one core: server = loop (event loop thread) + STT (engine threads) + other threads; "
                  "/room and -STT (without the STT engine) per room; clients = the client workers; others = the rest "
                  "of the machine (other processes). Latency in ms; late = voice frames > 20 ms late; "
@@ -407,6 +425,9 @@ def main() -> None:
                     help="the server with aiortc's own audio paths (agent/peer.py FAST_PATHS off), to compare")
     ap.add_argument("--workers", type=int, default=1,
                     help="N: the server as parley serve --workers N (a front and N agent processes)")
+    ap.add_argument("--server-cores", type=int,
+                    help="K: the server confined to K cores and the clients to the others, so that the rooms "
+                         "held are rooms per K cores of the server's, measured (default: all share every core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="2 rooms for a few seconds: checks the machinery")
     ap.add_argument("--out", type=Path)
@@ -414,12 +435,14 @@ def main() -> None:
     if args.smoke:
         args.rooms, args.seconds, args.warmup = [2], 4.0, 3.0
     name = ("rooms" + ("" if args.stt == "tiny" else f"-{args.stt}-stt") + ("-aiortc" if args.aiortc_defaults else "")
-            + (f"-{args.workers}-workers" if args.workers > 1 else "") + ("-smoke" if args.smoke else ""))
+            + (f"-{args.workers}-workers" if args.workers > 1 else "")
+            + (f"-{args.server_cores}-server-cores" if args.server_cores else "") + ("-smoke" if args.smoke else ""))
     out = args.out or ROOT / "bench" / "results" / f"{name}.json"
     print(HEAD + "\n" + "-" * len(HEAD), flush=True)
     result = asyncio.run(run(args.rooms, args.seconds, args.warmup, args.per_worker, args.tts, args.seed,
                              args.keep_going, log=lambda s: print(s, flush=True), stt=args.stt,
-                             aiortc_defaults=args.aiortc_defaults, workers=args.workers))
+                             aiortc_defaults=args.aiortc_defaults, workers=args.workers,
+                             server_cores=args.server_cores))
     result["smoke"] = args.smoke
     print()
     print(table(result))

@@ -58,3 +58,17 @@ def test_transport_smoke_times_bursts_both_ways(tmp_path, tiny_whisper_path):
     assert 0 < up["p50"] < 300 and 0 < down["p50"] < 300
     assert run["mouth_to_server_socket_ms"]["p50"] <= up["p50"]
     assert run["pipeline_to_client_socket_ms"]["p50"] <= down["p50"]
+
+
+def test_rooms_smoke_with_the_server_on_its_own_core(tmp_path):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip(reason="needs two cores: one for the server, the rest for the clients")
+    r = run_bench("rooms", tmp_path / "rooms.json", "--stt", "instant", "--server-cores", "1")
+    # The kernel confined the server (every process of it) to one core; the clients ran elsewhere.
+    assert r["server_cores"] == 1 and r["server_cpus"] == [min(os.sched_getaffinity(0))]
+    (step,) = r["runs"]
+    assert step["rooms"] == 2 and step["rooms_lost"] == 0 and step["turns"] >= 1
+    assert step["frames_sent"] > 2 * 50 * 3 and step["received_frames"] > 2 * 50 * 3
+    assert r["rooms_per_server_core"] == r["max_rooms"]
