@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import logging
 import os
 import platform
@@ -37,7 +36,6 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 import zlib
 from pathlib import Path
 
@@ -270,7 +268,6 @@ def leftovers(before: list[str], after: list[str], ignore=lambda x: False) -> li
 async def run(rooms: int, duration_s: float, warmup_s: float, tts: str, grace_s: float, seed: int,
               log=print) -> dict:
     import httpx
-    import psutil
 
     from fake_llm import FakeLLM
 
