@@ -20,6 +20,7 @@ that the caller can transcribe a pause as soon as the sound is over, without wai
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -160,8 +161,8 @@ class Segmenter:
         self._last_voiced_end = 0.0
         self._sound_end = 0.0
         self._loud_db = -200.0  # the utterance's loudest voiced window
-        self._floor_db: float | None = None  # noise floor, learnt between utterances
-        self._floor_windows = 0  # how many windows it was learnt from
+        self._floor_db = math.inf  # noise floor, learnt between utterances
+        self._floor_windows = 0  # how many windows it was learnt from (trusted from _FLOOR_MIN_WINDOWS)
         self.last_probability = 0.0
         # The caller's endpoint for the segment in progress (semantic end of turn decides it from
         # the words; this class never sees them); None: ``options.endpoint_silence_ms``. Cleared
@@ -229,10 +230,7 @@ class Segmenter:
         endpoint = max(1, round(endpoint_ms / 1000 / WINDOW_S))
         if not self._speaking:
             if p < o.off_threshold:
-                floor = max(db, _FLOOR_MIN_DB)
-                if self._floor_db is not None:
-                    floor = min(floor, self._floor_db + _FLOOR_RISE_DB)
-                self._floor_db = floor
+                self._floor_db = min(max(db, _FLOOR_MIN_DB), self._floor_db + _FLOOR_RISE_DB)
                 self._floor_windows += 1
             self._pre_roll.append(window)
             self._voiced_run = self._voiced_run + 1 if p >= o.threshold else 0
@@ -254,7 +252,7 @@ class Segmenter:
         # No floor learnt yet (the stream started mid-word): no way to tell a soft last consonant
         # from the room, so the sound lasts as long as Silero says. A floor learnt from loud noise
         # must not hide the words themselves: it is held FLOOR_BELOW_LOUD_DB under the voice.
-        if self._floor_db is None or self._floor_windows < _FLOOR_MIN_WINDOWS:
+        if self._floor_windows < _FLOOR_MIN_WINDOWS:
             sounding = p >= o.off_threshold
         else:
             floor = min(self._floor_db, self._loud_db - FLOOR_BELOW_LOUD_DB)
