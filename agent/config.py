@@ -42,11 +42,14 @@ class Settings(BaseSettings):
     stt_partial_interval_s: float = 0.6
     # A `parley stt-worker --socket PATH` to share (one model per host); None: the model in this process.
     stt_worker: str | None = None
-    stt_batch_size: int | None = None  # requests per decode; None: 8 on a CPU, 16 on a GPU
+    stt_batch_size: int | None = None  # requests per decode; None: the engine's default (16)
     stt_batch_wait_ms: float = 10.0
     # Reserve the STT engine's peak memory at start (one full batch of 30 s windows decoded once):
     # steady RSS for container memory limits, at the cost of holding it from the first minute.
     stt_warm_peak: bool = False
+    # "audio": encode only the speech (plus 0.5 s) instead of Whisper's 30 s window: several times
+    # faster on a CPU, for models fine-tuned to read short windows (e.g. FUTO's ACFT Whisper) only.
+    stt_encoder_window: str = Field("full", pattern="^(full|audio)$")
 
     # LLM: any OpenAI-compatible server. With neither a key nor a base URL, Parley runs its
     # offline personas (question bank and heuristic feedback) so the page works out of the box.

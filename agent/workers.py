@@ -193,8 +193,10 @@ def serve_worker(app, socket_path: str, **uvicorn_options) -> None:
 def _stt_env(settings) -> dict[str, str]:
     """The front's speech-recognition settings for its STT worker, however the front got them."""
     out = {}
-    for name in ("stt_model", "stt_device", "stt_compute_type", "stt_max_new_tokens", "stt_batch_size",
-                 "stt_batch_wait_ms", "stt_warm_peak"):
+    # Every stt_ setting, so that a new one cannot be forgotten here; stt_worker is the front's own.
+    for name in type(settings).model_fields:
+        if not name.startswith("stt_") or name == "stt_worker":
+            continue
         value = getattr(settings, name)
         if value is not None:
             out[f"PARLEY_{name.upper()}"] = str(value)

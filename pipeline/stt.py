@@ -41,6 +41,12 @@ _HALLUCINATIONS = {
 
 MAX_AUDIO_S = 30.0  # one Whisper window; the VAD caps a segment at this length
 _MAX_LENGTH = 448  # Whisper's decoder context, as faster-whisper counts it
+_HOP = 160  # samples per mel frame
+_WINDOW_FRAMES = 3000  # Whisper's 30 s window
+# encoder_window="audio": the audio, half a second more, rounded up to two seconds (few distinct
+# shapes, so requests of similar length still share a batch and the allocator reuses buffers).
+_WINDOW_MARGIN_FRAMES = 50
+_WINDOW_STEP_FRAMES = 200
 
 
 @dataclass(slots=True)
@@ -91,12 +97,19 @@ class WhisperOptions:
     silence_dbfs: float = -55.0
     partial_deadline_s: float = 1.0  # a partial still queued after this is dropped, never decoded
     # Batching: up to batch_size requests per decode; the first request of a batch waits at most
-    # batch_wait_ms for company (0: take what is queued). None: 8 on a CPU, 16 on a GPU.
+    # batch_wait_ms for company (0: take what is queued). None: 16. On a CPU a batch saves decoder
+    # work only (bench/stt.py: 16 gives ~10 % more throughput than 8 at 32 streams, with no worse latency).
     batch_size: int | None = None
     batch_wait_ms: float = 10.0
     # Back-pressure: with this many requests queued, a partial is refused at once (None) and a
     # final takes the place of the oldest queued partial, or waits for room.
     max_queue: int = 256
+    # What the encoder reads. "full": every request padded to Whisper's 30 s window, as the model
+    # was trained. "audio": only the audio plus half a second, in steps of two seconds: a 3 s answer
+    # costs a 4 s window, a fifth of the encoder's work on a CPU, but only weights fine-tuned to read
+    # short windows (FUTO's ACFT Whisper models, for one) keep their accuracy; stock Whisper loses it
+    # (CTranslate2 issue #2100) and may not stop decoding, so this is not the default.
+    encoder_window: str = "full"
     # At warm-up, decode one batch of the largest shape (batch_size windows of 30 s) once: the
     # process then holds its peak working memory from the start (the native buffers grow with the
     # batch and the audio, +150 MB for the toy test model at 8 x 30 s) instead of reaching it at
@@ -358,9 +371,11 @@ class WhisperSTT:
     """faster-whisper, loaded once, decoding micro-batches in its own thread."""
 
     def __init__(self, options: WhisperOptions):
+        if options.encoder_window not in ("full", "audio"):
+            raise ValueError(f"encoder_window must be 'full' or 'audio', not {options.encoder_window!r}")
         self.options = options
         self.device = resolve_device(options.device)
-        self.batch_size = max(1, options.batch_size or (16 if self.device == "cuda" else 8))
+        self.batch_size = max(1, options.batch_size or 16)
         cores = _cpu_count()
         self.replicas = max(1, options.replicas)
         self.cpu_threads = options.cpu_threads or (max(1, cores // self.replicas) if self.device == "cpu" else 0)
@@ -398,9 +413,9 @@ class WhisperSTT:
                     )
                 except Exception as e:
                     raise RuntimeError(f"cannot load Whisper model {o.model!r} on {self.device}: {e}") from e
-                log.info("whisper %s loaded on %s/%s in %.1fs (batches of up to %d, %d replica(s) x %d threads)",
-                         o.model, self.device, compute, time.perf_counter() - t0, self.batch_size, self.replicas,
-                         self.cpu_threads)
+                log.info("whisper %s loaded on %s/%s in %.1fs (batches of up to %d, %d replica(s) x %d threads, "
+                         "%s encoder window)", o.model, self.device, compute, time.perf_counter() - t0,
+                         self.batch_size, self.replicas, self.cpu_threads, o.encoder_window)
         return self._model
 
     async def warm_up(self) -> None:
@@ -537,12 +552,17 @@ class WhisperSTT:
             t = time.perf_counter()
             _, detect_features = self._features(fe, [audios[i] for i in detect], list(range(len(detect))))
             t = self.stats.add("features", t)
-            for i, d in zip(detect, ct2.detect_language(ct2.encode(_storage(detect_features)))):
-                languages[i] = d[0][0][2:-2]
+            windows = [self._window(len(audios[i])) for i in detect]
+            for w in sorted(set(windows)):
+                ks = [k for k, x in enumerate(windows) if x == w]
+                rows_features = detect_features if len(ks) == len(detect) else detect_features[ks]
+                for k, d in zip(ks, ct2.detect_language(ct2.encode(_storage(_trim(rows_features, w))))):
+                    languages[detect[k]] = d[0][0][2:-2]
             self.stats.add("encode", t)
 
         # Prompts, grouped by shape: CTranslate2 decodes a batch only if every prompt puts
-        # <|startoftranscript|> at the same position.
+        # <|startoftranscript|> at the same position and every encoder output has the same length
+        # (a row's window never depends on the company it is decoded in).
         groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
         for i, r in enumerate(batch):
             try:
@@ -556,10 +576,11 @@ class WhisperSTT:
             except Exception as e:
                 outcomes[i] = e
                 continue
-            groups.setdefault((prompt.index(tokenizer.sot), max_length), []).append((i, prompt))
+            key = (prompt.index(tokenizer.sot), max_length, self._window(len(audios[i])))
+            groups.setdefault(key, []).append((i, prompt))
 
         suppress = self._suppressed(model)
-        for (_, max_length), members in groups.items():
+        for (_, max_length, frames), members in groups.items():
             members = [m for m in members if not batch[m[0]].abandoned]
             rows = [i for i, _ in members]
             if not rows:
@@ -567,6 +588,7 @@ class WhisperSTT:
             try:
                 t = time.perf_counter()
                 features, _ = self._features(fe, [audios[i] for i in rows], [])
+                features = _trim(features, frames)
                 t = self.stats.add("features", t)
                 if self.device == "cpu":
                     # One window per call: a batch gains nothing in the encoder on a CPU (its
@@ -602,6 +624,13 @@ class WhisperSTT:
             if isinstance(res, STTResult):
                 res.decode_ms = decode_ms
         return outcomes  # type: ignore[return-value]
+
+    def _window(self, n_samples: int) -> int:
+        """The encoder's input length, in mel frames, for this much audio (options.encoder_window)."""
+        if self.options.encoder_window == "full":
+            return _WINDOW_FRAMES
+        frames = n_samples // _HOP + _WINDOW_MARGIN_FRAMES
+        return min(_WINDOW_FRAMES, -(-frames // _WINDOW_STEP_FRAMES) * _WINDOW_STEP_FRAMES)
 
     def _result(self, model, language: str, res, seconds: float) -> STTResult:
         """One decoded window, turned into text exactly as faster-whisper's segment loop does."""
@@ -656,12 +685,16 @@ class WhisperSTT:
 
 
 def _storage(array):
-    """A CTranslate2 StorageView over a numpy array or a CUDA tensor (no copy)."""
+    """A CTranslate2 StorageView over a numpy array or a CUDA tensor (no copy when contiguous)."""
     import ctranslate2
 
-    if isinstance(array, np.ndarray):
-        array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array.contiguous()
     return ctranslate2.StorageView.from_array(array)
+
+
+def _trim(features, frames: int):
+    """The first ``frames`` mel frames of each window (numpy or torch)."""
+    return features if features.shape[-1] <= frames else features[..., :frames]
 
 
 def log_mel_batch(fe, audios: list[np.ndarray], extra: list[int] = ()) -> tuple[np.ndarray, np.ndarray | None]:

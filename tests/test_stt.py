@@ -445,6 +445,7 @@ class _Watched:
         self._ct2, self._hook = ct2, on_first_encode
         self.windows = 0
         self.prompts = 0
+        self.shapes: list[tuple[int, ...]] = []  # each encoder call's input: (rows, mels, frames)
 
     def __getattr__(self, name):
         return getattr(self._ct2, name)
@@ -453,6 +454,7 @@ class _Watched:
         if self.windows == 0 and self._hook is not None:
             self._hook()
         self.windows += features.shape[0]
+        self.shapes.append(tuple(features.shape))
         return self._ct2.encode(features, *args, **kw)
 
     def generate(self, encoded, prompts, *args, **kw):
@@ -510,3 +512,45 @@ async def test_warm_peak_decodes_one_full_batch_of_whole_windows_once(tiny_whisp
         assert (watched.windows, watched.prompts) == (3, 3)
     finally:
         stt.close()
+
+
+async def test_audio_encoder_window_encodes_the_speech_not_thirty_seconds_and_ignores_company(tiny_whisper_path,
+                                                                                               speech):
+    """encoder_window="audio" (for models fine-tuned on short windows): each request's encoder input
+    is its own audio plus 0.5 s in 2 s steps, whatever it is batched with."""
+    streams = _streams(speech)
+    base = WhisperOptions(model=str(tiny_whisper_path), device="cpu", max_new_tokens=12, encoder_window="audio")
+    batched = WhisperSTT(dataclasses.replace(base, batch_size=16, batch_wait_ms=200))
+    alone = WhisperSTT(dataclasses.replace(base, batch_size=1))
+    full = WhisperSTT(dataclasses.replace(base, encoder_window="full"))
+    try:
+        watched = {}
+        for name, engine in (("batched", batched), ("alone", alone), ("full", full)):
+            model = await asyncio.to_thread(engine.load)
+            watched[name] = model.model = _Watched(model.model, None)
+        together = await asyncio.wait_for(asyncio.gather(*[
+            batched.transcribe(audio, final=True, language=lang, prompt=prompt) for audio, lang, prompt in streams]), 120)
+        one_by_one = [await alone.transcribe(audio, final=True, language=lang, prompt=prompt)
+                      for audio, lang, prompt in streams]
+        await full.transcribe(streams[0][0], final=True, language="en")
+    finally:
+        for engine in (batched, alone, full):
+            engine.close()
+    assert [(r.text, r.language, r.avg_logprob) for r in together] == [
+        (r.text, r.language, r.avg_logprob) for r in one_by_one]
+    assert sum(bool(r.text) for r in together) >= 12  # words (garbage ones): the comparison has teeth
+
+    def window(audio):  # frames: 10 ms each, the audio + 50, rounded up to 200
+        return min(3000, -(-(len(audio) // 160 + 50) // 200) * 200)
+
+    expected = sorted(window(a) for a, _, _ in streams)
+    # Alone: one encoder call per request (two for those whose language is detected first).
+    detected = sorted(window(a) for a, lang, _ in streams if lang is None)
+    assert sorted(s[2] for s in watched["alone"].shapes) == sorted(expected + detected)
+    assert {s[2] for s in watched["batched"].shapes} == set(expected)
+    assert max(expected) <= 800 and min(expected) >= 200  # these recordings are 1.3-7.5 s: not 30
+    assert {s[2] for s in watched["full"].shapes} == {3000}
+    long = WhisperSTT(base)
+    assert (long._window(29 * 16000), long._window(40 * 16000), long._window(1)) == (3000, 3000, 200)
+    with pytest.raises(ValueError, match="encoder_window"):
+        WhisperSTT(dataclasses.replace(base, encoder_window="short"))

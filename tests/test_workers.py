@@ -226,3 +226,22 @@ def test_merged_metrics_keep_each_family_once_with_its_type_and_a_worker_label()
                for f in text_string_to_metric_families(merged) for s in f.samples}
     assert samples[("parley_errors_total", "0")] == 1 and samples[("parley_errors_total", "1")] == 2
     assert samples[("parley_active_rooms", "0")] == 3 and samples[("parley_active_rooms", "1")] == 4
+
+
+def test_the_stt_worker_gets_every_speech_recognition_setting_of_the_front():
+    from pydantic import ValidationError
+
+    from agent.config import Settings
+    from agent.workers import _stt_env
+
+    settings = Settings(_env_file=None, stt_model="tiny", stt_encoder_window="audio", stt_batch_size=4,
+                        stt_worker="/run/x.sock")
+    env = _stt_env(settings)
+    assert env["PARLEY_STT_MODEL"] == "tiny" and env["PARLEY_STT_BATCH_SIZE"] == "4"
+    assert env["PARLEY_STT_ENCODER_WINDOW"] == "audio"
+    assert "PARLEY_STT_WORKER" not in env  # the socket is the front's to hand out, not a setting to copy
+    # ...and the worker reads them back as the same settings.
+    assert Settings(_env_file=None, **{k.removeprefix("PARLEY_").lower(): v for k, v in env.items()}) \
+        .stt_encoder_window == "audio"
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, stt_encoder_window="short")
