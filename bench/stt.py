@@ -10,8 +10,8 @@ streams keep N requests in flight and the figures are the engine's capacity at t
 With ``--partials`` each utterance also sends a partial of its first 60 % just before the final,
 as a conversation's last interim decode is still queued when the person stops.
 
-Both modes run the same engine code: "batched" with ``batch_size`` (default 8 on a CPU, 16 on a
-GPU) and a ``batch_wait_ms`` window; "one-at-a-time" with ``batch_size=1`` (one decode after
+Both modes run the same engine code: "batched" with ``batch_size`` (default 16) and a
+``batch_wait_ms`` window; "one-at-a-time" with ``batch_size=1`` (one decode after
 another, finals first, as before batching). Per stream count the two modes alternate (``--rounds``),
 so a change of load on the host weighs on both alike.
 
@@ -173,7 +173,7 @@ async def bench(args) -> dict:
     common = dict(model=str(path), device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads,
                   max_new_tokens=max_new_tokens_for(args.decode_tokens), suppress_tokens=(-1, EOT),
                   batch_wait_ms=args.batch_wait_ms, max_queue=max(256, 2 * max(args.streams)),
-                  tune_malloc=not args.no_malloc_tuning)
+                  tune_malloc=not args.no_malloc_tuning, encoder_window=args.encoder_window)
     engines = {
         "batched": WhisperSTT(WhisperOptions(batch_size=args.batch_size, replicas=args.replicas, **common)),
         "one-at-a-time": WhisperSTT(WhisperOptions(batch_size=1, **common)),
@@ -243,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--replicas", type=int, default=1, help="batched mode's model replicas, each batching on its own")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's allocator as it is (see "
                     "pipeline.stt._keep_freed_memory)")
-    ap.add_argument("--batch-size", type=int, default=None, help="batched mode (default: 8 on CPU, 16 on GPU)")
+    ap.add_argument("--encoder-window", choices=["full", "audio"], default="full",
+                    help="both modes' encoder input: Whisper's 30 s window, or the speech only (for models "
+                         "fine-tuned to read short windows)")
+    ap.add_argument("--batch-size", type=int, default=None, help="batched mode (default: the engine's, 16)")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0)
     ap.add_argument("--decode-tokens", type=int, default=16, help="tokens every decode runs (end-of-text suppressed)")
     ap.add_argument("--min-finals", type=int, default=32, help="finals per run at least (spread over the streams)")
@@ -259,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.streams, args.min_finals, args.min_per_stream, args.decode_tokens, args.rounds = [1, 4], 4, 1, 8, 1
     t0 = time.perf_counter()
-    print(f"STT engine, {args.arch} on {args.device}; {args.decode_tokens} tokens per decode\n")
+    print(f"STT engine, {args.arch} on {args.device}, {args.encoder_window} encoder window; "
+          f"{args.decode_tokens} tokens per decode\n")
     print(HEAD)
     print("-" * len(HEAD))
     result = asyncio.run(bench(args))
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "STT engine: N concurrent streams of finals (closed loop), batched vs one-at-a-time",
         "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "device": result["device"], "arch": args.arch, "model": result["model"], "smoke": args.smoke,
-        "decode_tokens": args.decode_tokens, "batch_wait_ms": args.batch_wait_ms, "cpu_threads": args.cpu_threads,
+        "encoder_window": args.encoder_window, "decode_tokens": args.decode_tokens, "batch_wait_ms": args.batch_wait_ms, "cpu_threads": args.cpu_threads,
         "engines": result["engines"],
         "partials": args.partials, "rounds": args.rounds,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "malloc_tuning": not args.no_malloc_tuning,
