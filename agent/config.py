@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     stt_worker: str | None = None
     stt_batch_size: int | None = None  # requests per decode; None: the engine's default (16)
     stt_batch_wait_ms: float = 10.0
+    # CTranslate2 threads; 0: one per core this process may run on.
+    stt_cpu_threads: int = Field(0, ge=0)
     # Reserve the STT engine's peak memory at start (one full batch of 30 s windows decoded once):
     # steady RSS for container memory limits, at the cost of holding it from the first minute.
     stt_warm_peak: bool = False

@@ -44,6 +44,7 @@ def whisper_options(settings: Settings) -> WhisperOptions:
         model=settings.stt_model, device=settings.stt_device, compute_type=settings.stt_compute_type,
         max_new_tokens=settings.stt_max_new_tokens, download_root=str(cache_dir() / "models"),
         batch_size=settings.stt_batch_size, batch_wait_ms=settings.stt_batch_wait_ms,
+        cpu_threads=settings.stt_cpu_threads,
         warm_peak=settings.stt_warm_peak, encoder_window=settings.stt_encoder_window,
     )
 

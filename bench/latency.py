@@ -376,7 +376,8 @@ async def run(args: argparse.Namespace, recs: list[Recording]) -> dict:
     text = args.text or ("reference" if random_weights else "model")
     llm = await FakeLLM(Behaviour(reply=REPLY, first_token_delay_s=args.ttft_ms / 1000,
                                   token_delay_s=args.token_ms / 1000)).start()
-    extra = ["--timeline", "--text", text, "--stt-max-new-tokens", "12" if random_weights else "0"]
+    extra = ["--timeline", "--text", text, "--stt-max-new-tokens", "12" if random_weights else "0",
+             "--setting", f"stt_encoder_window={args.stt_window}", "--setting", f"stt_cpu_threads={args.stt_threads}"]
     if args.endpoint_ms:
         extra += ["--endpoint-ms", str(args.endpoint_ms)]
     for kv in overrides(args):
@@ -423,6 +424,7 @@ async def run(args: argparse.Namespace, recs: list[Recording]) -> dict:
             for i, t in enumerate(turns)]
     return {"config": timeline["config"], "endpointing": endpointing_mode(timeline["config"]),
             "stt_model": args.stt_model, "stt_random_weights": random_weights, "stt_text": text,
+            "stt_encoder_window": args.stt_window, "stt_cpu_threads": args.stt_threads,
             "tts": args.tts, "ttft_ms": args.ttft_ms, "token_ms": args.token_ms, "persona": args.persona,
             "overrides": overrides(args), "client_receive": client.receive_path if client else None,
             "client_errors": client.errors[:5] if client else [], "turns": rows, "summary": summarise(rows)}
@@ -529,7 +531,9 @@ def table(result: dict) -> str:
         lines.append(f"{run['label']}: {s['measured']} of {s['turns']} turns measured"
                      f" ({s['no_reply']} without reply, {s['cut_off']} cut off mid-utterance)")
         lines.append(f"  endpointing: {run['endpointing']}")
-        lines.append(f"  STT {run['stt_model']}{' (random weights, reference text)' if run['stt_text'] == 'reference' else ''}"
+        window = ", speech-length encoder window" if run.get("stt_encoder_window") == "audio" else ""
+        window += f", {run['stt_cpu_threads']} CTranslate2 thread(s)" if run.get("stt_cpu_threads") else ""
+        lines.append(f"  STT {run['stt_model']}{' (random weights, reference text)' if run['stt_text'] == 'reference' else ''}{window}"
                      f", TTS {run['tts']}, LLM TTFT {run['ttft_ms']:.0f} ms + {run['token_ms']:.0f} ms/word,"
                      f" client: {run['client_receive']}")
         head = f"  {'ms':<48} {'median':>7} {'p90':>7}"
@@ -575,6 +579,10 @@ def main() -> None:
     ap.add_argument("--stt-model", default="tiny",
                     help="tiny: whisper-tiny's size, random weights (built offline); tiny-test: the test "
                          "suite's toy model; or a faster-whisper model name or path")
+    ap.add_argument("--stt-window", choices=["full", "audio"], default="full",
+                    help="the encoder's input (stt_encoder_window): full: Whisper's 30 s window; audio: the "
+                         "speech only, for models fine-tuned to read short windows")
+    ap.add_argument("--stt-threads", type=int, default=0, help="stt_cpu_threads (0: one per core)")
     ap.add_argument("--text", choices=["reference", "model"],
                     help="what the STT hands on (default: reference for random weights, else model)")
     ap.add_argument("--persona", default="interviewer")

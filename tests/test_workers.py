@@ -234,11 +234,15 @@ def test_the_stt_worker_gets_every_speech_recognition_setting_of_the_front():
     from agent.config import Settings
     from agent.workers import _stt_env
 
+    from agent.engines import whisper_options
+
     settings = Settings(_env_file=None, stt_model="tiny", stt_encoder_window="audio", stt_batch_size=4,
-                        stt_worker="/run/x.sock")
+                        stt_cpu_threads=1, stt_worker="/run/x.sock")
+    options = whisper_options(settings)  # what the worker (or this process) builds its engine from
+    assert (options.encoder_window, options.cpu_threads, options.batch_size) == ("audio", 1, 4)
     env = _stt_env(settings)
     assert env["PARLEY_STT_MODEL"] == "tiny" and env["PARLEY_STT_BATCH_SIZE"] == "4"
-    assert env["PARLEY_STT_ENCODER_WINDOW"] == "audio"
+    assert env["PARLEY_STT_ENCODER_WINDOW"] == "audio" and env["PARLEY_STT_CPU_THREADS"] == "1"
     assert "PARLEY_STT_WORKER" not in env  # the socket is the front's to hand out, not a setting to copy
     # ...and the worker reads them back as the same settings.
     assert Settings(_env_file=None, **{k.removeprefix("PARLEY_").lower(): v for k, v in env.items()}) \
