@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     semantic_endpointing: bool = True
     endpoint_complete_ms: int = Field(250, ge=100)
     endpoint_incomplete_ms: int = Field(1200, ge=100)
+    # How the speech sounds, beside its words (pipeline/turn_model.py): "auto" uses Smart Turn v3
+    # from an installed pipecat-ai (pip install --no-deps pipecat-ai), "off", or a path to its ONNX file.
+    turn_model: str = "auto"
     # Start the LLM on the interim transcript when the silence begins; heard only if the final agrees.
     preemptive_generation: bool = True
 

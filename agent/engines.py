@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pipeline.llm import LLMOptions, OpenAILLM
 from pipeline.stt import STT, WhisperOptions, shared_whisper
 from pipeline.tts import TTS, aclose_tts, make_tts
+from pipeline.turn_model import TurnModel
+from pipeline.turn_model import load as load_turn_model
 
 from .config import Settings, cache_dir
 
@@ -19,6 +21,7 @@ class Engines:
     tts: TTS
     llm: OpenAILLM | None  # None: offline personas
     stt_status: str = "not loaded"
+    turn_model: TurnModel | None = None  # None: the end of turn reads the words only
 
     async def warm_up(self) -> None:
         """Load Whisper before the first person speaks; a failure is reported, not fatal:
@@ -62,4 +65,18 @@ def build_engines(settings: Settings) -> Engines:
                                    model=settings.llm_model,
                                    first_token_timeout_s=settings.llm_first_token_timeout_s,
                                    token_timeout_s=settings.llm_token_timeout_s))
-    return Engines(stt=stt, tts=make_tts(settings.tts), llm=llm)
+    return Engines(stt=stt, tts=make_tts(settings.tts), llm=llm, turn_model=turn_model(settings))
+
+
+def turn_model(settings: Settings) -> TurnModel | None:
+    """A model file named in the settings must load; one merely found installed ("auto") may fail
+    with a warning, and the words alone decide the end of turn."""
+    if not settings.semantic_endpointing:
+        return None
+    try:
+        return load_turn_model(settings.turn_model)
+    except (RuntimeError, OSError) as e:
+        if settings.turn_model != "auto":
+            raise
+        log.warning("turn model unavailable (the words alone decide the end of turn): %s", e)
+        return None

@@ -41,7 +41,7 @@ def build_conversation(persona: PersonaSession, settings: Settings, engines: Eng
                                                                 complete_silence_ms=settings.endpoint_complete_ms,
                                                                 incomplete_silence_ms=settings.endpoint_incomplete_ms),
                                  preemptive_generation=settings.preemptive_generation),
-        emit=emit, name=name,
+        emit=emit, name=name, turn_model=engines.turn_model,
     )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.audio import load_audio  # noqa: E402
-from pipeline.endpointing import classify, endpoint_ms  # noqa: E402
+from pipeline.endpointing import classify, endpoint_ms, with_audio  # noqa: E402
+from pipeline.turn_model import load as load_turn_model  # noqa: E402
 from pipeline.turns import EndpointingOptions, TurnOptions  # noqa: E402
 from pipeline.vad import WINDOW, SileroVAD, Segmenter, SpeechEnd, VADOptions, heard_by  # noqa: E402
 
@@ -164,19 +166,39 @@ def silero_probs(audio: np.ndarray) -> np.ndarray:
     return np.array([vad(audio[i * WINDOW:(i + 1) * WINDOW]) for i in range(n)], np.float32)
 
 
+class Sound:
+    """The turn model's P(complete) at each pause, computed once per (utterance, instant)."""
+
+    def __init__(self, model, ready_s: float):
+        self.model, self.ready_s, self._memo = model, ready_s, {}
+        self.calls_s: list[float] = []
+
+    def __call__(self, u: Utterance, now: float) -> float:
+        key = (u.name, round(now, 4))
+        if key not in self._memo:
+            t = time.perf_counter()
+            self._memo[key] = self.model.probability(u.audio[: int(round(now * RATE))])
+            self.calls_s.append(time.perf_counter() - t)
+        return self._memo[key]
+
+
 def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, decode_s: float,
-        margin_s: float, quiet_s: float) -> tuple[list[float], list[str], list[float]]:
+        margin_s: float, quiet_s: float, sound: Sound | None = None,
+        stop: bool = False) -> tuple[list[float], list[str], list[float]]:
     """Turn-end times (stream s), the verdicts the semantic policy reached, and when each decode of
-    a pause started (stream s)."""
+    a pause started (stream s). ``sound``: the turn model, its answer ``sound.ready_s`` after the
+    pause's decode starts (as Conversation._hear_pause); ``stop``: every interim text ends with a
+    full stop (Whisper's habit on fragments, at its worst)."""
     seg = Segmenter(vad, Replay(u.probs))
     ends, verdicts, decodes = [], [], []
     quiet_for = ready_at = None
     interim: str | None = None
+    p = p_at = None
     for i in range(len(u.probs)):
         events = seg.feed(u.audio[i * WINDOW:(i + 1) * WINDOW])
         ends += [seg.now for e in events if isinstance(e, SpeechEnd)]
         if any(isinstance(e, SpeechEnd) for e in events):
-            quiet_for = ready_at = interim = None
+            quiet_for = ready_at = interim = p = None
         if semantic is None or not seg.speaking:
             continue
         # As Conversation._while_speaking: the pause is transcribed once a transcript would hear
@@ -184,7 +206,7 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
         now = seg.now
         heard = round(heard_by(now - seg.silence_s, seg.sound_end, margin_s, quiet_s), 4)
         if quiet_for is not None and heard > quiet_for:
-            interim = ready_at = None  # talking again: the last interim no longer covers it
+            interim = ready_at = p = None  # talking again: the last interim no longer covers it
         if now >= heard - 1e-6 and quiet_for != heard:
             # The decode of everything said starts now; its text: the words said by now. Nothing is
             # said in a pause, so every word estimated to end before speech resumes counts: that
@@ -193,8 +215,12 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
             decodes.append(now)
             said_by = next((t for t in u.onsets if t > now), float("inf"))
             interim = " ".join(w for w, t in zip(u.words, u.word_ends) if t <= said_by)
+            if stop and interim and interim[-1] not in ".?!":
+                interim += "."
+            p, p_at = (sound(u, now), now + sound.ready_s) if sound is not None else (None, None)
         text = interim if ready_at is not None and now >= ready_at else None
-        verdict = classify(text, u.language)
+        heard_p = p if p is not None and now >= p_at - 1e-9 else None
+        verdict = with_audio(classify(text, u.language), heard_p, semantic)
         seg.endpoint_ms = endpoint_ms(verdict, semantic, vad.endpoint_silence_ms)
         if text is not None and (not verdicts or verdicts[-1] != verdict.value):
             verdicts.append(verdict.value)
@@ -234,6 +260,10 @@ def main() -> None:
                     help="the VAD's own endpoint (the server's default)")
     ap.add_argument("--persona-base-ms", type=int, default=1200,
                     help="a persona's longer endpoint (the teacher's), also run with semantic end of turn")
+    ap.add_argument("--turn-model", default="auto",
+                    help="auto (Smart Turn v3 from an installed pipecat-ai), off, or an ONNX path")
+    ap.add_argument("--turn-model-ms", type=float, default=50.0,
+                    help="time from the pause's decode start to the turn model's answer (~45 ms on a core)")
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--smoke", action="store_true", help="the recordings in tests/data, 3 variants each")
     ap.add_argument("--out", type=Path)
@@ -267,6 +297,21 @@ def main() -> None:
             verdict_counts[v] = verdict_counts.get(v, 0) + 1
     sweep = {ms: score(utts, [run(u, VADOptions(endpoint_silence_ms=ms), None, 0, margin, quiet)[0] for u in utts])
              for ms in SWEEP_MS}
+    model = load_turn_model(args.turn_model)
+    sound = Sound(model, args.turn_model_ms / 1000) if model is not None else None
+    decode_s = args.decode_ms / 1000
+
+    def scored(vad: VADOptions, options: EndpointingOptions = semantic, **kw) -> dict:
+        return score(utts, [run(u, vad, options, decode_s, margin, quiet, **kw)[0] for u in utts])
+
+    # Whisper's habit at its worst: every interim fragment ends with a full stop.
+    stop = {"words": scored(base, stop=True)}
+    with_model = {}
+    if sound is not None:
+        with_model = {"base": scored(base, sound=sound), "persona_base": scored(persona, sound=sound)}
+        stop["words_and_sound"] = scored(base, sound=sound, stop=True)
+        stop["words_and_sound_veto_0.2"] = scored(base, sound=sound, stop=True,
+                                                  options=dataclasses.replace(semantic, audio_veto_below=0.2))
     # The plain VAD whose median latency is nearest the semantic one (the longer on a tie: kinder to it).
     same_latency = min(SWEEP_MS, key=lambda ms: (abs(sweep[ms]["median_ms"] - sem["median_ms"]), -ms))
     fewer = [ms for ms in SWEEP_MS if sweep[ms]["false_cutoffs"] <= sem["false_cutoffs"]]
@@ -290,9 +335,25 @@ def main() -> None:
 
     line(f"semantic end of turn, VAD base {args.base_ms} ms", sem)
     line(f"semantic end of turn, VAD base {args.persona_base_ms} ms", sem_persona)
+    if with_model:
+        line(f"  + turn model, VAD base {args.base_ms} ms", with_model["base"])
+        line(f"  + turn model, VAD base {args.persona_base_ms} ms", with_model["persona_base"])
     line(f"plain VAD {same_latency} ms (same median latency)", sweep[same_latency])
     if same_cutoffs is not None:
         line(f"plain VAD {same_cutoffs} ms (as few cut-offs)", sweep[same_cutoffs])
+    if with_model:
+        fewer_m = [ms for ms in SWEEP_MS if sweep[ms]["false_cutoffs"] <= with_model["base"]["false_cutoffs"]]
+        if fewer_m:
+            line(f"plain VAD {fewer_m[0]} ms (as few as with the model)", sweep[fewer_m[0]])
+    print(f"\nevery interim fragment ending with a full stop (VAD base {args.base_ms} ms):")
+    for label, s in stop.items():
+        line(f"  {label.replace('_', ' ')}", s)
+    if sound is not None:
+        calls = np.array(sound.calls_s) * 1000
+        print(f"turn model {model.path.name}: {len(calls)} pauses heard, {np.median(calls):.1f} ms median "
+              f"(p90 {np.percentile(calls, 90):.1f}) each on one thread")
+    else:
+        print(f"turn model: none ({args.turn_model}; pip install --no-deps pipecat-ai for Smart Turn v3)")
     print(f"\nsemantic verdicts on interim text: {verdict_counts}")
     print(f"pause transcribed (as recorded): {pauses['after_true_end_median_ms']:.0f} / "
           f"{pauses['after_true_end_p90_ms']:.0f} ms (median / p90) after the true end of speech, "
@@ -309,6 +370,11 @@ def main() -> None:
                              "unknown_silence_ms": semantic.unknown_silence_ms,
                              "incomplete_silence_ms": semantic.incomplete_silence_ms},
         "semantic": sem, "verdicts": verdict_counts,
+        "turn_model": str(model.path.name) if sound is not None else None,
+        "turn_model_ms": args.turn_model_ms,
+        "turn_model_inference_ms_median": round(float(np.median(sound.calls_s)) * 1000, 1) if sound else None,
+        "semantic_with_turn_model": with_model or None,
+        "fragments_end_with_a_stop": stop,
         "pause_decode": {"quiet_ms": round(quiet * 1000), "margin_ms": round(margin * 1000), **pauses,
                          "by_silero_silence_alone": pauses_vad},
         "semantic_persona_base": {"vad_base_ms": args.persona_base_ms, **sem_persona},

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .audio import InputConverter, LeadingSilenceTrimmer, StreamResampler, float_to_int16
-from .endpointing import Verdict, classify, endpoint_ms, same_words
+from .endpointing import Verdict, classify, endpoint_ms, same_words, with_audio
 from .frames import (
     OUTPUT_RATE, AgentState, AudioFrame, BotInterrupted, BotTurnEnded, BotStartedSpeaking, BotStoppedSpeaking, BotText,
     ErrorEvent, Event, StateChanged, Transcript, TurnMetrics, UserStartedSpeaking, UserStoppedSpeaking,
@@ -39,6 +39,7 @@ from .sentences import SentenceAggregator
 from .stt import STT
 from .tasks import TaskSet
 from .tts import TTS, TTSError, Word
+from .turn_model import TurnModel
 from .turns import ConversationConfig, TurnOptions
 from .vad import Segmenter, SpeechEnd, SpeechStart, VADOptions, heard_by
 
@@ -102,8 +103,10 @@ class Conversation:
         turn_options: TurnOptions | None = None,
         emit: Callable[[Event], None] = lambda e: None,
         name: str = "",
+        turn_model: TurnModel | None = None,
     ):
         self.stt, self.llm, self.tts = stt, llm, tts
+        self.turn_model = turn_model
         self.config = config or ConversationConfig()
         self.options = turn_options or TurnOptions()
         self.vad_options = vad_options or VADOptions()
@@ -128,7 +131,10 @@ class Conversation:
         self._last_partial_t = 0.0
         self._interim: _Interim | None = None  # the latest interim transcript of this utterance
         self._quiet_for: float | None = None  # the pause (its ``_heard_by``) already transcribed
-        self._eot: tuple[str | None, Verdict, int] | None = None  # (text, verdict, endpoint ms) last decided
+        # ((text, P(complete)), verdict, endpoint ms) last decided
+        self._eot: tuple[tuple[str | None, float | None], Verdict, int] | None = None
+        self._sound: tuple[float, float] | None = None  # (pause heard_by, the turn model's P(complete))
+        self._hearing: asyncio.Task | None = None  # the turn model on the latest pause
         self._preempt: _Reply | None = None  # a reply to the interim transcript, not yet confirmed
         self.preemptive = PreemptiveStats()
         self._discarded_since_reply = 0
@@ -200,7 +206,7 @@ class Conversation:
     def _on_speech_start(self, ev: SpeechStart) -> None:
         self._last_partial_t = self._echo_checked_t = self.segmenter.now
         self._interim = None
-        self._eot = None
+        self._eot = self._sound = None
         if (self._reply is not None or self.echo.echo_possible) and self.echo.is_echo(self.segmenter.segment_audio()):
             self._echo_segment = True  # the agent hearing itself: no one started speaking
             return
@@ -262,6 +268,8 @@ class Conversation:
                 # serves it ahead of every room's captions and never drops it as stale.
                 task = self._spawn(self._partial_transcript(audio, now, urgent=pause), "partial")
                 self._partial = (task, now)
+                if pause and self.turn_model is not None and o.endpointing.enabled:
+                    self._hearing = self._spawn(self._hear_pause(audio, heard), "turn model")
         self._update_endpoint()
 
     def _heard_by(self, ev: SpeechEnd | None = None) -> float:
@@ -281,14 +289,15 @@ class Conversation:
             return
         interim = self._interim
         text = interim.text if interim is not None and self._covers(interim.t_end) else None
-        if self._eot is not None and self._eot[0] == text:
+        p = self._sound[1] if self._sound is not None and self._covers(self._sound[0]) else None
+        if self._eot is not None and self._eot[0] == (text, p):
             return
         last = self.history[-1] if self.history else None
         asked = last is not None and last["role"] == "assistant" and last["content"].rstrip().endswith("?")
-        verdict = classify(text, (interim.language if interim else None) or self.config.language,
-                           after_question=asked)
+        verdict = with_audio(classify(text, (interim.language if interim else None) or self.config.language,
+                                      after_question=asked), p, e)
         ms = endpoint_ms(verdict, e, self.vad_options.endpoint_silence_ms)
-        self._eot = (text, verdict, ms)
+        self._eot = ((text, p), verdict, ms)
         self.segmenter.endpoint_ms = ms
 
     def _on_speech_end(self, ev: SpeechEnd) -> None:
@@ -309,7 +318,7 @@ class Conversation:
         reply = _Reply(0, self._turn, t_decided=now, t_speech_end=now - (self.segmenter.now - ev.t),
                        endpoint_ms=self._eot[2] if self._eot else self.vad_options.endpoint_silence_ms)
         preempt, self._preempt = self._preempt, None
-        interim, self._interim, self._eot = self._interim, None, None
+        interim, self._interim, self._eot, self._sound = self._interim, None, None, None
         reuse = None
         heard = self._heard_by(ev) - 1e-6
         if self._partial is not None and self._partial[1] >= heard:
@@ -325,6 +334,17 @@ class Conversation:
                 reuse.set_result(interim.result)
         self._set_state(AgentState.THINKING)
         self._spawn(self._user_turn(ev, reply, reuse, preempt), f"turn {self._turn}")
+
+    async def _hear_pause(self, audio: np.ndarray, heard: float) -> None:
+        """How the utterance sounds at this pause (the turn model, in a thread: ~45 ms of CPU)."""
+        try:
+            p = await asyncio.to_thread(self.turn_model.probability, audio)
+        except Exception as e:
+            self._log.warning("turn model failed (the words decide alone): %s", e)
+            return
+        if self.segmenter.speaking and self._quiet_for == heard:  # still this utterance's pause
+            self._sound = (heard, p)
+            self._update_endpoint()
 
     async def _partial_transcript(self, audio: np.ndarray, t_end: float, urgent: bool = False):
         try:

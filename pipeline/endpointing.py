@@ -10,11 +10,14 @@ interim transcript into one of three verdicts and each verdict into an endpoint 
   at least the persona's own endpoint;
 - ``UNKNOWN`` (no text yet, or no sign either way): a middle one.
 
-A word-list heuristic, not a model, on purpose: it costs microseconds, needs no download (LiveKit's
-``turn-detector`` plugin fetches its model from the Hugging Face hub at run time, which these
-machines cannot do) and its mistakes are easy to read. Its main weakness is Whisper's habit of
-ending a fragment with a full stop; the trailing-word lists win over the stop for that reason.
-``bench/endpointing.py`` measures the false cut-offs it saves.
+The words are read by a word-list heuristic, not a language model: it costs microseconds, needs no
+download (LiveKit's ``turn-detector`` plugin fetches its model from the Hugging Face hub at run
+time, which these machines cannot do) and its mistakes are easy to read. Its main weakness is
+Whisper's habit of ending a fragment with a full stop; the trailing-word lists win over the stop
+for that reason. Where the words say neither way, how the speech *sounds* decides when an audio
+turn model is installed (``pipeline/turn_model.py``, ``with_audio``): falling pitch and a final
+lengthening against a voice held up for more. ``bench/endpointing.py`` measures the false cut-offs
+each saves.
 
 Everything here is pure and synchronous: the conversation (``pipeline/conversation.py``) feeds it
 text, the segmenter (``pipeline/vad.py``) only ever sees the resulting number of milliseconds.
@@ -122,6 +125,16 @@ def classify(text: str | None, language: str | None = "en", *, after_question: b
     if last in _SOFT_SETS[lang]:
         return Verdict.INCOMPLETE
     return Verdict.UNKNOWN
+
+
+def with_audio(verdict: Verdict, p_complete: float | None, options: EndpointingOptions) -> Verdict:
+    """The words' verdict, corrected by the turn model's P(complete) for the audio (None: no model,
+    or no answer yet). Words that announce more always win: a voice can fall on "and"."""
+    if p_complete is None or verdict is Verdict.INCOMPLETE:
+        return verdict
+    if verdict is Verdict.UNKNOWN:
+        return Verdict.INCOMPLETE if p_complete < options.audio_incomplete_below else verdict
+    return Verdict.UNKNOWN if p_complete < options.audio_veto_below else verdict
 
 
 def endpoint_ms(verdict: Verdict, options: EndpointingOptions, base_ms: int) -> int:

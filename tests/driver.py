@@ -56,17 +56,21 @@ class Driver:
             await self.step(f)
 
     async def say_with_partials(self, audio16k: np.ndarray, trailing_silence_s: float = 0.0) -> None:
-        """Like ``say``, but every interim decode finishes before the next frame is pushed.
+        """Like ``say``, but every interim decode (and the turn model on a pause) finishes before
+        the next frame is pushed.
 
         On a real-time clock a partial decode (~0.1 s here) ends long before the next one is due
-        (``partial_interval_s``); the compressed clock would otherwise outrun it and end the
-        utterance first, so this waits for it, as the person's clock would have.
+        (``partial_interval_s``), and the turn model (~45 ms) long before a pause could end the
+        turn; the compressed clock would otherwise outrun them and end the utterance first, so
+        this waits for them, as the person's clock would have.
         """
         tail = np.zeros(int(trailing_silence_s * 16000), np.float32)
         for f in to_frames(np.concatenate([audio16k, tail])):
             await self.step(f)
             if self.conv._partial is not None:
                 await asyncio.wait_for(asyncio.shield(self.conv._partial[0]), 10)
+            if self.conv._hearing is not None and not self.conv._hearing.done():
+                await asyncio.wait_for(asyncio.shield(self.conv._hearing), 10)
 
     async def run_until(self, predicate, timeout: float = 20.0):
         """Keep the clock running (silence in) until ``predicate(events)`` holds."""
