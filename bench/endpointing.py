@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.audio import load_audio  # noqa: E402
-from pipeline.endpointing import classify, endpoint_ms, with_audio  # noqa: E402
+from pipeline.endpointing import Verdict, classify, endpoint_ms, with_audio  # noqa: E402
 from pipeline.turn_model import load as load_turn_model  # noqa: E402
 from pipeline.turns import EndpointingOptions, TurnOptions  # noqa: E402
 from pipeline.vad import WINDOW, SileroVAD, Segmenter, SpeechEnd, VADOptions, heard_by  # noqa: E402
@@ -186,9 +186,9 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
         margin_s: float, quiet_s: float, sound: Sound | None = None,
         stop: bool = False) -> tuple[list[float], list[str], list[float]]:
     """Turn-end times (stream s), the verdicts the semantic policy reached, and when each decode of
-    a pause started (stream s). ``sound``: the turn model, its answer ``sound.ready_s`` after the
-    pause's decode starts (as Conversation._hear_pause); ``stop``: every interim text ends with a
-    full stop (Whisper's habit on fragments, at its worst)."""
+    a pause started (stream s). ``sound``: the turn model, asked when the pause's text leaves the
+    words undecided and answering ``sound.ready_s`` later; ``stop``: every interim text ends with
+    a full stop (Whisper's habit on fragments, at its worst)."""
     seg = Segmenter(vad, Replay(u.probs))
     ends, verdicts, decodes = [], [], []
     quiet_for = ready_at = None
@@ -217,10 +217,13 @@ def run(u: Utterance, vad: VADOptions, semantic: EndpointingOptions | None, deco
             interim = " ".join(w for w, t in zip(u.words, u.word_ends) if t <= said_by)
             if stop and interim and interim[-1] not in ".?!":
                 interim += "."
-            p, p_at = (sound(u, now), now + sound.ready_s) if sound is not None else (None, None)
         text = interim if ready_at is not None and now >= ready_at else None
-        heard_p = p if p is not None and now >= p_at - 1e-9 else None
-        verdict = with_audio(classify(text, u.language), heard_p, semantic)
+        said = classify(text, u.language)
+        if (sound is not None and text is not None and p is None
+                and (said is Verdict.UNKNOWN or (said is Verdict.COMPLETE and semantic.audio_veto_below > 0))):
+            # As Conversation._ask_turn_model: asked once the words leave it undecided.
+            p, p_at = sound(u, now), now + sound.ready_s
+        verdict = with_audio(said, p if p is not None and now >= p_at - 1e-9 else None, semantic)
         seg.endpoint_ms = endpoint_ms(verdict, semantic, vad.endpoint_silence_ms)
         if text is not None and (not verdicts or verdicts[-1] != verdict.value):
             verdicts.append(verdict.value)
@@ -263,7 +266,7 @@ def main() -> None:
     ap.add_argument("--turn-model", default="auto",
                     help="auto (Smart Turn v3 from an installed pipecat-ai), off, or an ONNX path")
     ap.add_argument("--turn-model-ms", type=float, default=50.0,
-                    help="time from the pause's decode start to the turn model's answer (~45 ms on a core)")
+                    help="time from the pause's text to the turn model's answer (~45 ms on a core)")
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--smoke", action="store_true", help="the recordings in tests/data, 3 variants each")
     ap.add_argument("--out", type=Path)

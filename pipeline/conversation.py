@@ -135,6 +135,7 @@ class Conversation:
         self._eot: tuple[tuple[str | None, float | None], Verdict, int] | None = None
         self._sound: tuple[float, float] | None = None  # (pause heard_by, the turn model's P(complete))
         self._hearing: asyncio.Task | None = None  # the turn model on the latest pause
+        self._asked_for: float | None = None  # the pause (its ``_heard_by``) the turn model was asked about
         self._preempt: _Reply | None = None  # a reply to the interim transcript, not yet confirmed
         self.preemptive = PreemptiveStats()
         self._discarded_since_reply = 0
@@ -268,8 +269,6 @@ class Conversation:
                 # serves it ahead of every room's captions and never drops it as stale.
                 task = self._spawn(self._partial_transcript(audio, now, urgent=pause), "partial")
                 self._partial = (task, now)
-                if pause and self.turn_model is not None and o.endpointing.enabled:
-                    self._hearing = self._spawn(self._hear_pause(audio, heard), "turn model")
         self._update_endpoint()
 
     def _heard_by(self, ev: SpeechEnd | None = None) -> float:
@@ -294,8 +293,11 @@ class Conversation:
             return
         last = self.history[-1] if self.history else None
         asked = last is not None and last["role"] == "assistant" and last["content"].rstrip().endswith("?")
-        verdict = with_audio(classify(text, (interim.language if interim else None) or self.config.language,
-                                      after_question=asked), p, e)
+        said = classify(text, (interim.language if interim else None) or self.config.language, after_question=asked)
+        if p is None and text is not None and (said is Verdict.UNKNOWN or
+                                               (said is Verdict.COMPLETE and e.audio_veto_below > 0)):
+            self._ask_turn_model()
+        verdict = with_audio(said, p, e)
         ms = endpoint_ms(verdict, e, self.vad_options.endpoint_silence_ms)
         self._eot = ((text, p), verdict, ms)
         self.segmenter.endpoint_ms = ms
@@ -334,6 +336,15 @@ class Conversation:
                 reuse.set_result(interim.result)
         self._set_state(AgentState.THINKING)
         self._spawn(self._user_turn(ev, reply, reuse, preempt), f"turn {self._turn}")
+
+    def _ask_turn_model(self) -> None:
+        """Once per pause, and only once its transcript left the words undecided: the model's 45 ms
+        of CPU then never competes with that transcription, which the preemptive reply waits for."""
+        pause = self._quiet_for
+        if self.turn_model is None or pause is None or not self._covers(pause) or self._asked_for == pause:
+            return
+        self._asked_for = pause
+        self._hearing = self._spawn(self._hear_pause(self.segmenter.segment_audio(), pause), "turn model")
 
     async def _hear_pause(self, audio: np.ndarray, heard: float) -> None:
         """How the utterance sounds at this pause (the turn model, in a thread: ~45 ms of CPU)."""

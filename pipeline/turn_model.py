@@ -9,8 +9,9 @@ The model file ships inside the ``pipecat-ai`` wheel, so nothing is downloaded a
 reads only that file, never imports pipecat (whose pins would fight livekit's): install it with
 ``pip install --no-deps pipecat-ai``, or point ``PARLEY_TURN_MODEL`` at any Smart Turn v3 ONNX file.
 
-How its answer is used is ``pipeline/endpointing.py``'s (``with_audio``); measured by
-``bench/endpointing.py``.
+How its answer is used is ``pipeline/endpointing.py``'s (``with_audio``); the conversation asks it
+only when a pause's transcript leaves the words undecided (``Conversation._ask_turn_model``).
+Measured by ``bench/endpointing.py``.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class EndpointingOptions:
     unknown_silence_ms: int = 700
     # With a turn model (pipeline/turn_model.py): words that say neither way but sound unfinished
     # (its P(complete) below this) get the long wait. bench/endpointing.py: 0.5 takes the false
-    # cut-offs from 26 to 11 of 119 at the same latency.
+    # cut-offs from 26 to 10 of 119 at the same latency.
     audio_incomplete_below: float = 0.5
     # ...and a full stop that does not sound final (below this) only the middle one: for Whisper's
     # habit of ending a fragment with a stop. 0: off, the default, as a sentence end the model

@@ -99,7 +99,7 @@ async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event
 
     audio = voiced(speech("en_birch_canoe.wav"))
     half = len(audio) // 2
-    model = turn_model.load("auto")
+    model = Counting(turn_model.load("auto"))
     for hearing, log in ((model, event_log), (None, EventLog())):
         stt = ScriptedSTT("The birch canoe", "The birch canoe slid on the smooth planks.")
         conv = Conversation(stt=stt, llm=llm(fake_llm.url), tts=EspeakTTS(), emit=log, turn_options=TurnOptions(),
@@ -121,5 +121,40 @@ async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event
             [stopped] = log.of(F.UserStoppedSpeaking)  # one turn, ended after the whole sentence
             assert log.frame_of(stopped) > spoke_until
             assert len([t for t in log.of(F.Transcript) if t.final]) == 1
+            assert model.calls == sum(stt.urgent)  # once per pause (its words said neither way), not per interim
         finally:
             await conv.aclose()
+
+
+class Counting:
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def probability(self, audio: np.ndarray) -> float:
+        self.calls += 1
+        return self.model.probability(audio)
+
+
+@needs_model
+async def test_words_that_decide_leave_the_turn_model_unasked(fake_llm, event_log, speech):
+    """A finished sentence (or a trailing "and") needs no second opinion: no CPU spent on it."""
+    from driver import Driver
+    from pipeline import frames as F
+    from pipeline.conversation import Conversation
+    from pipeline.tts import EspeakTTS
+    from pipeline.turns import ConversationConfig, TurnOptions
+    from pipeline_setup import llm
+    from scripted_stt import ScriptedSTT
+
+    model = Counting(turn_model.load("auto"))
+    text = "The birch canoe slid on the smooth planks."
+    conv = Conversation(stt=ScriptedSTT(text, text), llm=llm(fake_llm.url), tts=EspeakTTS(), emit=event_log,
+                        turn_options=TurnOptions(), config=ConversationConfig(system_prompt="You are a test."),
+                        name="test", turn_model=model)
+    d = Driver(conv, event_log)
+    try:
+        await d.say(np.zeros(3200, np.float32))
+        await d.say_with_partials(voiced(speech("en_birch_canoe.wav")), trailing_silence_s=0.5)
+        assert event_log.of(F.UserStoppedSpeaking) and model.calls == 0
+    finally:
+        await conv.aclose()
