@@ -55,7 +55,8 @@ class SignalingError(ValueError):
 class AgentVoiceTrack(MediaStreamTrack):
     """Counters: ``frames`` sent; ``late_frames`` handed to the encoder more than ``LATE_S`` after
     their slot on the audio clock (the event loop was too busy: the listener may hear a gap);
-    ``resyncs``, stalls of more than ``RESYNC_S`` after which the clock was re-anchored."""
+    ``resyncs``, stalls of more than ``RESYNC_S`` after which the clock was re-anchored;
+    ``woken``, frames sent ahead of their slot because a reply's first audio was ready (``wake``)."""
 
     kind = "audio"
     LATE_S = 0.02
@@ -71,8 +72,16 @@ class AgentVoiceTrack(MediaStreamTrack):
         self.late_frames = 0
         self.max_late_s = 0.0
         self.resyncs = 0
+        self.woken = 0
         self.source_errors = 0
+        self._waiter: asyncio.Future | None = None
 
+    def wake(self) -> None:
+        """A reply's first audio is ready: send the next frame now, not at its slot up to 20 ms away.
+        The clock moves with it (the RTP timestamps do not), so the frames after it keep their
+        20 ms pace; to the listener this is one packet arriving early, which jitter buffers absorb."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
     async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -83,8 +92,20 @@ class AgentVoiceTrack(MediaStreamTrack):
             self._pts += OUTPUT_FRAME_SAMPLES
             due = self._start + self._pts / OUTPUT_RATE
             if due > now:
-                await asyncio.sleep(due - now)  # pacing to the audio clock, not waiting for an event
+                # Pacing to the audio clock (a timer, as asyncio.sleep), unless ``wake`` ends it.
+                loop = asyncio.get_running_loop()
+                self._waiter = waiter = loop.create_future()
+                timer = loop.call_later(due - now, _release, waiter)
+                try:
+                    woken = await waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
                 now = time.monotonic()
+                if woken and now < due:
+                    self._start -= due - now
+                    due = now
+                    self.woken += 1
             if now - due > self.RESYNC_S:
                 self._start = now - self._pts / OUTPUT_RATE
                 self.resyncs += 1
@@ -111,6 +132,11 @@ class AgentVoiceTrack(MediaStreamTrack):
         packet.pts = self._pts
         packet.time_base = TIME_BASE
         return packet
+
+
+def _release(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _opus_encoder() -> av.CodecContext:

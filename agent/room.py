@@ -67,6 +67,7 @@ class Room:
         # The persona is the conversation's LLM: it decides each turn and calls the real one.
         self.runtime = make_runtime(persona, engines.llm, engines.llm, self._on_persona)
         self.conversation = build_conversation(persona, settings, engines, self.runtime, self._on_event, room_id)
+        self.conversation.player.on_ready = self._voice_ready
         self._hint = SilenceHint(self.runtime, self.conversation, lambda: self.peer is not None)
         self._log = logging.LoggerAdapter(log, {"room": room_id})
         self.closed = asyncio.Event()
@@ -77,6 +78,10 @@ class Room:
     def new_peer(self, pc_id: str) -> Peer:
         return Peer(pc_id, self.conversation.push_audio, self.conversation.read_frame,
                     self._on_message, self._on_peer_closed, self.settings.peer_media_timeout_s)
+
+    def _voice_ready(self) -> None:
+        if self.peer is not None:
+            self.peer.voice.wake()
 
     async def attach(self, peer: Peer) -> None:
         old, self.peer = self.peer, peer

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import float_to_int16
 from .frames import OUTPUT_FRAME_SAMPLES, OUTPUT_RATE
 from .tts import Word
 
@@ -52,6 +51,9 @@ class Player:
         self._heard: dict[int, list[str]] = {}  # reply id -> words heard so far
         self.frames_out = 0  # the audio clock, in frames
         self.underruns = 0  # frames of silence inside a reply, waiting for TTS
+        # Called when audio arrives for an idle player: the transport may send its next frame now
+        # instead of at its next 20 ms slot (AgentVoiceTrack.wake).
+        self.on_ready: Callable[[], None] | None = None
 
     @property
     def paused(self) -> bool:
@@ -66,7 +68,10 @@ class Player:
         return any(len(s.pcm) > s.pos or s.last for s in self._queue)
 
     def push(self, segment: Segment) -> None:
+        idle = not self._paused and self._playing_reply is None and not self.has_audio
         self._queue.append(segment)
+        if idle and len(segment.pcm) and self.on_ready is not None:
+            self.on_ready()
 
     def pause(self) -> None:
         self._paused = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.jitterbuffer import JitterFrame
 
@@ -118,3 +119,37 @@ async def test_decode_in_loop_decodes_frames_released_together_and_fills_lost_au
     frames = [out.get_nowait() for _ in range(out.qsize())]
     assert [f.pts for f in frames] == [i * 960 for i in range(10)]  # the lost one filled in
     assert dec.filled == 960 and not np.abs(frames[3].to_ndarray()).any()
+
+
+async def test_a_replys_first_audio_is_sent_at_once_and_the_pace_resumes_from_it():
+    """An idle voice track waits up to 20 ms for its next slot; a reply's first audio wakes it, and
+    the frames after keep 20 ms apart from the early one (RTP timestamps untouched)."""
+    import time
+
+    from pipeline.player import PlaybackListener, Player, Segment
+
+    player = Player(PlaybackListener(lambda seg: None, lambda reply: None, lambda reply: None))
+    track = P.AgentVoiceTrack(player.read_frame)
+    player.on_ready = track.wake
+    try:
+        first = await track.recv()  # idle: silence, and the clock starts
+        waiting = asyncio.create_task(track.recv())
+        await asyncio.sleep(0)  # one turn of the loop: the task now waits for its slot
+        assert track._waiter is not None and not waiting.done()
+        seg = Segment(reply_id=1, text="Hello.")
+        seg.append(tone(2 * 960))
+        woken_at = time.monotonic()
+        player.push(seg)
+        packet = await asyncio.wait_for(waiting, 1)
+        assert track.woken == 1 and packet.pts - first.pts == 960  # early, on the same RTP clock
+        slot = track._start + track._pts / 48000
+        assert slot <= woken_at + 0.005  # the slot moved to the wake-up
+        assert player.frames_out == 2 and seg.pos == 960  # the reply's audio went out in that frame
+        # Already playing: more audio does not wake the track again.
+        player.push(Segment(reply_id=1, text="Again.", pcm=tone()))
+        await asyncio.wait_for(track.recv(), 1)
+        assert track.woken == 1
+        assert track._start + track._pts / 48000 - slot == pytest.approx(0.02)  # 20 ms steps from it
+    finally:
+        track.stop()
+        waiting.cancel()
