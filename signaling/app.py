@@ -182,7 +182,8 @@ def create_app(settings: Settings | None = None, engines: Engines | None = None)
     async def healthz(request: Request) -> dict[str, Any]:
         eng: Engines = request.app.state.engines
         return {"status": "ok", "rooms": len(request.app.state.rooms.rooms), "stt": eng.stt_status,
-                "llm": "offline personas" if eng.llm is None else settings.llm_model, "tts": eng.tts.name}
+                "llm": "offline personas" if eng.llm is None else settings.llm_model, "tts": eng.tts.name,
+                "turn_model": getattr(eng.turn_model, "path", None) and eng.turn_model.path.name}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

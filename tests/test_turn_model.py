@@ -87,7 +87,8 @@ def test_a_whole_sentence_sounds_finished_and_its_first_half_does_not(speech):
 @needs_model
 async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event_log, speech):
     """'The birch canoe' + 700 ms: the words say neither way (the middle 500 ms ending here), the
-    voice says more is coming, so the turn waits (1200 ms) and the rest of the sentence joins it."""
+    voice says more is coming, so the turn waits (1200 ms) and the rest of the sentence joins it.
+    Without the model, or with one that fails, the words decide alone and the turn is cut."""
     from conftest import EventLog
     from driver import Driver
     from pipeline import frames as F
@@ -100,7 +101,7 @@ async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event
     audio = voiced(speech("en_birch_canoe.wav"))
     half = len(audio) // 2
     model = Counting(turn_model.load("auto"))
-    for hearing, log in ((model, event_log), (None, EventLog())):
+    for hearing, log in ((model, event_log), (None, EventLog()), (Broken(), EventLog())):
         stt = ScriptedSTT("The birch canoe", "The birch canoe slid on the smooth planks.")
         conv = Conversation(stt=stt, llm=llm(fake_llm.url), tts=EspeakTTS(), emit=log, turn_options=TurnOptions(),
                             config=ConversationConfig(system_prompt="You are a test interviewer."), name="test",
@@ -109,8 +110,9 @@ async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event
         try:
             await d.say(np.zeros(3200, np.float32))
             await d.say_with_partials(audio[:half], trailing_silence_s=0.7)
-            if hearing is None:  # the words alone: the middle endpoint, and the sentence is cut
-                assert log.of(F.UserStoppedSpeaking)
+            if hearing is not model:  # the words alone (no model, or a broken one): the middle endpoint
+                assert log.of(F.UserStoppedSpeaking)  # ...and the sentence is cut
+                assert not log.of(F.ErrorEvent)  # a failing model is logged, never the person's problem
                 continue
             assert conv.segmenter.speaking and not log.of(F.UserStoppedSpeaking)
             assert conv._eot[1] is Verdict.INCOMPLETE and conv._eot[2] == 1200
@@ -124,6 +126,11 @@ async def test_a_pause_that_sounds_unfinished_waits_for_the_rest(fake_llm, event
             assert model.calls == sum(stt.urgent)  # once per pause (its words said neither way), not per interim
         finally:
             await conv.aclose()
+
+
+class Broken:
+    def probability(self, audio: np.ndarray) -> float:
+        raise RuntimeError("onnxruntime exploded")
 
 
 class Counting:

@@ -103,7 +103,11 @@ async def test_bad_signaling_input_is_a_clear_4xx_and_the_server_keeps_serving(p
             r = await getattr(http, method)("/api/offer", **kw)
             assert 400 <= r.status_code < 500, (kw, r.status_code, r.text)
             assert r.json()["detail"], r.text
-        assert (await http.get("/healthz")).json()["status"] == "ok"
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok"
+        from pipeline.turn_model import bundled_model  # the end of turn's audio model, when installed
+
+        assert health["turn_model"] == (bundled_model().name if bundled_model() else None)
     # And a real client still gets through.
     c = Client(parley_server.url, np.zeros(16000, np.float32))
     try:
