@@ -82,6 +82,7 @@ class AgentVoiceTrack(MediaStreamTrack):
         20 ms pace; to the listener this is one packet arriving early, which jitter buffers absorb."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
+
     async def recv(self) -> av.Packet | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError

@@ -563,7 +563,7 @@ class WhisperSTT:
         # Prompts, grouped by shape: CTranslate2 decodes a batch only if every prompt puts
         # <|startoftranscript|> at the same position and every encoder output has the same length
         # (a row's window never depends on the company it is decoded in).
-        groups: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+        groups: dict[tuple[int, int, int], list[tuple[int, list[int]]]] = {}
         for i, r in enumerate(batch):
             try:
                 tokenizer = self._tokenizer(model, languages[i])
