@@ -50,7 +50,9 @@ RECORDINGS = ["en_librivox_sense_0880.wav", "en_harvard_spk1_snt1.wav", "en_harv
               "en_picovoice_cv.wav"]
 RSS_GROWTH_LIMIT = 0.10
 SAMPLE_S = 5.0
-POOL_THREADS = ("asyncio_", "whisper-", "ThreadPoolExecutor")  # process-wide pools, bounded
+# Process-wide pools, bounded: the loop's default executor ("asyncio_", "uvloop_" under uvloop:
+# asyncio.to_thread, the turn model), Whisper's workers, other executors.
+POOL_THREADS = ("asyncio_", "uvloop_", "whisper-", "ThreadPoolExecutor")
 DB_FILES = ("parley.db", "parley.db-wal", "parley.db-shm")
 # Process-wide, opened once on first use and kept: onnxruntime's telemetry database (the first VAD
 # model), the pools of connections to the LLM and from HTTP clients (this script's own polling), the

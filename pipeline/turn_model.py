@@ -112,6 +112,9 @@ class SmartTurn:
             raise RuntimeError(f"{path} is not a Smart Turn v3 model (inputs {inputs})")
         self._input = inputs[0][0]
         self.path = path
+        # ONNX Runtime sizes its memory arena on the first run (~50 MB, and the slowest run): at load,
+        # not at someone's first pause (and the process's memory is then steady from the start).
+        self.probability(np.zeros(PIPELINE_RATE, np.float32))
 
     def probability(self, audio: np.ndarray) -> float:
         """Blocking (~45 ms on one core): call it from a thread."""
