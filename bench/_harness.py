@@ -917,7 +917,8 @@ async def clients_main(args: argparse.Namespace) -> None:
         return json.loads(line)
 
     try:
-        async with httpx.AsyncClient(timeout=30) as http:
+        # keepalive_expiry under uvicorn's 5 s keep-alive: see bench/soak.py.
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(keepalive_expiry=2.0)) as http:
             for i in range(0, len(clients), 4):  # a few offers at a time, like people arriving
                 await asyncio.gather(*(c.connect(http) for c in clients[i:i + 4]))
         async with asyncio.timeout(60):
